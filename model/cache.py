@@ -95,7 +95,9 @@ class CacheStep:
     mask: Tensor | None  # (B, 1, 1, end) True where a key may be attended
     end: int  # keys 0..end-1 are read
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    def update(
+        self, layer: int, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
         """Store the new keys/values; return (keys, values, mask, is_causal) to attend with."""
         keys, values = self.cache.keys[layer, self.rows], self.cache.values[layer, self.rows]
         if self.write is None:

@@ -47,7 +47,8 @@ class GPTConfig:
         missing = names - set(data)
         if unknown or missing:
             raise ValueError(
-                f"GPT config fields do not match: unknown {sorted(unknown)}, missing {sorted(missing)}"
+                "GPT config fields do not match: "
+                f"unknown {sorted(unknown)}, missing {sorted(missing)}"
             )
         return cls(**data)
 

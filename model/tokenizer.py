@@ -59,8 +59,19 @@ def install_vocab(source: Path | None = None) -> Path:
     if source is None:
         with tempfile.TemporaryDirectory() as folder:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                 "--no-binary", ":all:", "--dest", folder, WHISPER_REQUIREMENT],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--dest",
+                    folder,
+                    WHISPER_REQUIREMENT,
+                ],
                 check=True,
             )
             (sdist,) = Path(folder).glob("*.tar.gz")
@@ -69,7 +80,8 @@ def install_vocab(source: Path | None = None) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != VOCAB_SHA256:
         raise ValueError(
-            f"{source} is not GPT-2's r50k_base vocabulary: sha256 {digest}, expected {VOCAB_SHA256}"
+            f"{source} is not GPT-2's r50k_base vocabulary: "
+            f"sha256 {digest}, expected {VOCAB_SHA256}"
         )
     target = cached_vocab_path()
     atomic_write_bytes(target, data)

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill tiktoken's cache with r50k_base (sha256-checked). Without --source the "
         "file is taken from the openai-whisper sdist on PyPI (pip download; never installed).",
     )
-    fetch.add_argument("--source", type=Path, help="a gpt2.tiktoken file or an openai-whisper sdist")
+    fetch.add_argument(
+        "--source", type=Path, help="a gpt2.tiktoken file or an openai-whisper sdist"
+    )
     fetch.set_defaults(handler=_fetch_vocab)
     return parser
 
