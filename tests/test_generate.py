@@ -1,0 +1,172 @@
+"""Generation as users see it: stories, stops, batching, windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import preset
+from model.generate import BatchGenerator, StopStrings, complete, generate
+from model.sampling import SamplingParams
+from tests.conftest import sharp_model
+
+PROMPTS = [
+    "Once upon a time",
+    "Tom had a red ball.",
+    "The sun",
+    "Lily and her mom went to the park. They saw",
+]
+
+
+def run_to_end(generator: BatchGenerator, requests):
+    sequences = [generator.add(generator.encode_prompt(p), params)[0] for p, params in requests]
+    while generator.rows:
+        generator.step()
+    return sequences
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_story_is_the_same_alone_or_among_fifteen_others(tiny_model, temperature) -> None:
+    params = SamplingParams(max_new_tokens=40, temperature=temperature, top_k=50, seed=42)
+    (alone,) = run_to_end(BatchGenerator(tiny_model), [(PROMPTS[0], params)])
+    crowd = [
+        (PROMPTS[i % 4] + " x" * i, SamplingParams(max_new_tokens=30 + i, seed=i))
+        for i in range(15)
+    ]
+    batched = run_to_end(
+        BatchGenerator(tiny_model, max_batch=16), [*crowd[:7], (PROMPTS[0], params), *crowd[7:]]
+    )
+    assert batched[7].generated == alone.generated
+    assert len(alone.generated) == 40
+
+
+def test_same_seed_same_story_and_another_seed_another(tiny_model) -> None:
+    def story(seed: int) -> str:
+        return complete(
+            tiny_model, "Once upon a time", SamplingParams(max_new_tokens=30, seed=seed)
+        ).text
+
+    assert story(3) == story(3)
+    assert story(3) != story(4)
+
+
+def test_result_reports_the_seed_that_replays_it(tiny_model) -> None:
+    first = complete(tiny_model, "The dog", SamplingParams(max_new_tokens=20))
+    replay = complete(tiny_model, "The dog", SamplingParams(max_new_tokens=20, seed=first.seed))
+    assert replay.token_ids == first.token_ids
+
+
+def test_max_new_tokens_ends_with_finish_reason_length(tiny_model) -> None:
+    result = complete(tiny_model, "Once", SamplingParams(max_new_tokens=7, temperature=0))
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) == 7
+
+
+def test_end_of_text_ends_the_story_and_is_not_part_of_it(tokenizer) -> None:
+    model = sharp_model(preset("tiny"))
+    with torch.no_grad():  # every position's final activation now points at <|endoftext|>
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[tokenizer.eot_id] * 10)
+    events = list(
+        generate(model, "Once upon a time", SamplingParams(max_new_tokens=50, temperature=0))
+    )
+    assert [(e.token_id, e.text, e.finish_reason) for e in events] == [(None, "", "end_of_text")]
+
+
+def test_stop_string_ends_the_story_before_it_and_is_never_streamed(tiny_model) -> None:
+    free = complete(
+        tiny_model, "Once upon a time", SamplingParams(max_new_tokens=60, temperature=0)
+    )
+    stop = free.text[25:29]
+    expected = free.text[: free.text.find(stop)]
+    params = SamplingParams(max_new_tokens=60, temperature=0, stop=("never appears", stop))
+    events = list(generate(tiny_model, "Once upon a time", params))
+    assert "".join(e.text for e in events) == expected
+    assert events[-1].finish_reason == "stop"
+    assert all(stop not in e.text for e in events)
+
+
+def test_stop_strings_hold_back_partial_matches() -> None:
+    stops = StopStrings(("o w", "xyz"))
+    assert stops.push("Hel") == ("Hel", False)
+    assert stops.push("lo") == ("l", False)  # "o" could start "o w"
+    assert stops.push(" wor") == ("", True)  # the held "o" began the stop string
+    tail = StopStrings(("xyz",))
+    assert tail.push("abcx") == ("abc", False)
+    assert tail.flush() == "x"  # the story ended: what was held is released
+
+
+def test_streamed_pieces_join_to_the_full_decode(tiny_model, tokenizer) -> None:
+    # A random model emits arbitrary byte-level tokens, broken UTF-8 included.
+    for seed in range(5):
+        params = SamplingParams(max_new_tokens=60, temperature=1.5, seed=seed)
+        events = list(generate(tiny_model, "😀 日本語 café", params))
+        ids = [e.token_id for e in events if e.token_id is not None]
+        assert "".join(e.text for e in events) == tokenizer.decode(ids)
+
+
+def test_a_prompt_longer_than_the_window_keeps_its_last_tokens(tiny_model, tokenizer) -> None:
+    prompt = tokenizer.encode(" ".join(["the cat sat on the mat"] * 30))
+    assert len(prompt) > 64
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    generator = BatchGenerator(tiny_model)
+    long, _ = generator.add(prompt, params)
+    while generator.rows:
+        generator.step()
+    short, _ = generator.add(prompt[-64:], params)
+    while generator.rows:
+        generator.step()
+    assert long.prompt_truncated and not short.prompt_truncated
+    assert long.generated == short.generated
+
+
+def test_stories_longer_than_the_window_keep_going(tiny_model) -> None:
+    result = complete(
+        tiny_model, "Once", SamplingParams(max_new_tokens=300, temperature=0.8, seed=1)
+    )
+    assert result.finish_reason in ("length", "end_of_text")
+    assert len(result.token_ids) == 300 or result.finish_reason == "end_of_text"
+
+
+def test_newcomers_join_and_leavers_do_not_disturb_the_batch(tiny_model) -> None:
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    (solo,) = run_to_end(BatchGenerator(tiny_model), [(PROMPTS[3], params)])
+    generator = BatchGenerator(tiny_model, max_batch=3)
+    target, _ = generator.add(generator.encode_prompt(PROMPTS[3]), params)
+    leaver, _ = generator.add(generator.encode_prompt(PROMPTS[0]), params)
+    for _ in range(5):
+        generator.step()
+    generator.remove(leaver.id)  # its client went away
+    generator.add(generator.encode_prompt(PROMPTS[1]), params)  # a newcomer mid-story
+    while generator.rows:
+        generator.step()
+    assert target.generated == solo.generated
+
+
+def test_a_full_batch_refuses_newcomers(tiny_model) -> None:
+    generator = BatchGenerator(tiny_model, max_batch=1)
+    generator.add([1, 2, 3], SamplingParams(max_new_tokens=5))
+    with pytest.raises(RuntimeError, match="batch is full"):
+        generator.add([1, 2, 3], SamplingParams(max_new_tokens=5))
+
+
+def test_generation_refuses_a_model_in_training_mode(tiny_model) -> None:
+    with pytest.raises(ValueError, match="model.eval"):
+        BatchGenerator(tiny_model.train())
+
+
+def test_int8_logits_stay_close_to_fp32(tokenizer) -> None:
+    model = sharp_model(preset("seed"))
+    prompt = tokenizer.encode("Once upon a time there was a little girl")
+    fp32 = BatchGenerator(model)
+    int8 = BatchGenerator(model, quantization="int8")
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = fp32._head(model.hidden_states(idx)[:, -1])
+        quantized = int8._head(int8.model.hidden_states(idx)[:, -1])
+    similarity = torch.nn.functional.cosine_similarity(expected, quantized).item()
+    assert similarity > 0.99
+    result = list(
+        generate(model, "Once upon a time", SamplingParams(max_new_tokens=5), quantization="int8")
+    )
+    assert result[-1].finish_reason in ("length", "end_of_text")
