@@ -140,7 +140,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
         )
         return logits, loss
 

@@ -1,10 +1,46 @@
-"""`slm`: one command line for everything the project does."""
+"""`slm`: one command line for everything the project does.
+
+Heavy imports (torch, tiktoken) happen inside the commands, so `slm --help` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
+
+DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
+
+
+def checkpoint_dir() -> Path:
+    return Path(os.environ.get("CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
+
+
+def find_checkpoint(path: Path | None) -> Path:
+    """A checkpoint's metadata file from what a user names: a checkpoint, a run folder, or a
+    folder of runs (CHECKPOINT_DIR by default), where the newest checkpoint is taken."""
+    from model.checkpoint import newest_checkpoint, resolve_checkpoint
+
+    path = path or checkpoint_dir()
+    if path.is_dir() and not (path / "latest.json").exists():
+        found = newest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"no checkpoint under {path}; create one with `slm init --out {path}/NAME`"
+            )
+        return found
+    return resolve_checkpoint(path)
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _fetch_vocab(args: argparse.Namespace) -> int:
@@ -15,8 +51,93 @@ def _fetch_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    import torch
+
+    from model import GPT, preset
+    from model.checkpoint import save_checkpoint
+
+    torch.manual_seed(args.seed)
+    model = GPT(preset(args.preset))
+    path = save_checkpoint(
+        args.out, model, step=0, extra={"preset": args.preset, "init_seed": args.seed}
+    )
+    print(f"{args.preset}: {model.num_parameters():,} parameters, untrained, saved to {path}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from model.checkpoint import read_meta
+
+    meta = read_meta(find_checkpoint(args.checkpoint))
+    print(json.dumps(meta.to_dict(), indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.generate import generate
+    from model.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    device = pick_device(args.device)
+    model, meta = load_checkpoint(find_checkpoint(args.checkpoint), device=device)
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        model = model.to(torch.bfloat16)
+    print(f"[{meta.name}, step {meta.step}, on {device}]", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    started = time.perf_counter()
+    events = 0
+    quantization = "int8" if args.int8 else "none"
+    for event in generate(model, args.prompt, params, quantization=quantization):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        events += 1
+        finish = event.finish_reason
+    elapsed = time.perf_counter() - started
+    print(
+        f"\n[{finish}; {events} tokens in {elapsed:.2f} s, {events / elapsed:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.export.hf import export_hf
+
+    model, meta = load_checkpoint(find_checkpoint(args.checkpoint))
+    export_hf(model, args.out_dir)
+    print(f"{meta.name} exported as a transformers GPT2LMHeadModel folder: {args.out_dir}")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.export.gguf import export_gguf
+
+    model, meta = load_checkpoint(find_checkpoint(args.checkpoint))
+    export_gguf(model, args.file, dtype=args.type)
+    print(f"{meta.name} exported as GGUF ({args.type}) for llama.cpp: {args.file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description=__doc__)
+    from model.config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="slm", description="Train and serve a small story-writing GPT."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser(
@@ -29,6 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", type=Path, help="a gpt2.tiktoken file or an openai-whisper sdist"
     )
     fetch.set_defaults(handler=_fetch_vocab)
+
+    init = commands.add_parser(
+        "init", help="write a freshly initialised (untrained) checkpoint of a preset"
+    )
+    init.add_argument("--preset", choices=sorted(PRESETS), default="seed")
+    init.add_argument("--out", type=Path, required=True, help="run folder to write into")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.set_defaults(handler=_init)
+
+    checkpoint_help = (
+        "a checkpoint (.json), a run folder, or a folder of runs (newest wins); "
+        "default: $CHECKPOINT_DIR or ./checkpoints"
+    )
+    info = commands.add_parser("info", help="print a checkpoint's metadata")
+    info.add_argument("checkpoint", type=Path, nargs="?", help=checkpoint_help)
+    info.set_defaults(handler=_info)
+
+    gen = commands.add_parser("generate", help="stream a story from a checkpoint to stdout")
+    gen.add_argument("--checkpoint", type=Path, help=checkpoint_help)
+    gen.add_argument("--prompt", default="Once upon a time", help="the story's beginning")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=200, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, help="makes the story reproducible")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    gen.add_argument("--int8", action="store_true", help="int8 weights (CPU), ~2x faster")
+    gen.set_defaults(handler=_generate)
+
+    hf = commands.add_parser("export-hf", help="write a Hugging Face GPT2LMHeadModel folder")
+    hf.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    hf.add_argument("out_dir", type=Path)
+    hf.set_defaults(handler=_export_hf)
+
+    gg = commands.add_parser("export-gguf", help="write a GGUF file for llama.cpp / Ollama")
+    gg.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    gg.add_argument("file", type=Path)
+    gg.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16")
+    gg.set_defaults(handler=_export_gguf)
     return parser
 
 
@@ -36,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"slm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
