@@ -7,6 +7,16 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    # The only portable way to read the umask is to set it; do it once, at import.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file in ``path``'s folder, fsync it, then ``os.replace``."""
     path = Path(path)
@@ -15,6 +25,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
     try:
+        # mkstemp creates the file readable by its owner alone; give it the permissions a plain
+        # open() would, so a service running as another user can read what a trainer wrote.
+        os.fchmod(descriptor, 0o666 & ~_UMASK)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()

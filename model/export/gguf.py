@@ -1,0 +1,117 @@
+"""Export to a GGUF file of llama.cpp's ``gpt2`` architecture, GPT-2's tokenizer included, so
+the model runs in llama.cpp and Ollama.
+
+Tensor names come from the ``gguf`` package's own GPT-2 name map (our module names are
+GPT-2's). Linear weights keep PyTorch's (out, in) layout, which is ggml's {in, out}. There is no
+``output.weight``: llama.cpp's gpt2 loader reuses ``token_embd.weight`` when it is missing, as
+the tie in our model does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import gguf
+
+from model.atomic import fsync_directory
+from model.export.vocab import gpt2_vocab_and_merges
+from model.export.weights import gpt2_state_dict
+from model.gpt import GPT
+from model.tokenizer import get_tokenizer
+
+ARCH = "gpt2"
+# dtype → (the file type llama.cpp reports, the type its matrices are stored in)
+_TYPES = {
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+GGUF_TYPES = tuple(_TYPES)
+
+
+def export_gguf(model: GPT, path: Path, dtype: str = "f16") -> None:
+    """Write ``model`` to the GGUF file ``path`` with its matrices stored as ``dtype``.
+
+    Biases, norms and position embeddings stay f32 whatever ``dtype`` is, as llama.cpp's own
+    converter does; with q8_0, a matrix whose rows are not a multiple of 32 falls back to f16.
+    The file is written beside ``path`` and renamed into place, so it is never seen half-written.
+    """
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {GGUF_TYPES}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of our own rather than tempfile's, whose private mode would stick to the export.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        writer = gguf.GGUFWriter(temporary, ARCH)
+        _add_metadata(writer, model, dtype, name=path.stem)
+        _add_tokenizer(writer)
+        _add_tensors(writer, model, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, model: GPT, dtype: str, name: str) -> None:
+    config = model.config
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(model.transformer.ln_f.eps)
+    writer.add_file_type(_TYPES[dtype][0])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
+    vocab, merges = gpt2_vocab_and_merges()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    eot_id = get_tokenizer().eot_id
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizing regex
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [
+            gguf.TokenType.CONTROL if i == eot_id else gguf.TokenType.NORMAL
+            for i in range(len(tokens))
+        ]
+    )
+    writer.add_token_merges([f"{left} {right}" for left, right in merges])
+    writer.add_bos_token_id(eot_id)
+    writer.add_eos_token_id(eot_id)
+    # Like Hugging Face's GPT-2 tokenizer (and our own), prompts are encoded as they are.
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: GPT, dtype: str) -> None:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
+    matrix_type = _TYPES[dtype][1]
+    for name, tensor in gpt2_state_dict(model).items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        data = tensor.numpy()
+        # llama.cpp reads vectors (norms, biases) as f32 only; its own converter and quantizer
+        # leave position embeddings f32 too.
+        if data.ndim == 1 or gguf_name == "position_embd.weight":
+            qtype = gguf.GGMLQuantizationType.F32
+        else:
+            qtype = matrix_type
+        try:
+            data = gguf.quants.quantize(data, qtype)
+        except gguf.QuantError:  # q8_0 blocks are 32 values of a row
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype)
