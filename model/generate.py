@@ -259,13 +259,24 @@ class BatchGenerator:
             self._prefill(row, sequence.tokens[sequence.context_start : -1])
 
     def _sample(self, logits: Tensor, sequences: list[Sequence]) -> list[int]:
-        picks = []
-        for row_logits, sequence in zip(logits, sequences, strict=True):
+        picks = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
+        # Greedy rows without a penalty share one batched argmax; every other row samples with
+        # its own generator, so its draws never depend on its neighbours.
+        plain_greedy = [
+            row
+            for row, s in enumerate(sequences)
+            if s.params.greedy and s.params.repetition_penalty == 1.0
+        ]
+        if plain_greedy:
+            picks[plain_greedy] = logits[plain_greedy].argmax(dim=-1)
+        for row, sequence in enumerate(sequences):
+            if row in plain_greedy:
+                continue
             previous = None
             if sequence.params.repetition_penalty != 1.0:
                 previous = torch.tensor(sequence.tokens, device=logits.device)
-            picks.append(sample_token(row_logits, sequence.params, sequence.generator, previous))
-        return torch.stack(picks).tolist()  # one device sync for the whole batch
+            picks[row] = sample_token(logits[row], sequence.params, sequence.generator, previous)
+        return picks.tolist()  # one device sync for the whole batch
 
     def _accept(self, sequence: Sequence, token: int) -> TokenEvent:
         """Record a sampled token; work out the text it releases and whether the story ends."""

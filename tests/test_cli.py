@@ -51,3 +51,18 @@ def test_bad_sampling_options_are_a_clear_error(tmp_path) -> None:
     result = slm("generate", "--checkpoint", str(tmp_path / "run"), "--top-p", "1.5")
     assert result.returncode == 2
     assert "top_p must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exports_from_the_command_line_load_in_their_tools(tmp_path) -> None:
+    import gguf
+    from transformers import GPT2LMHeadModel
+
+    slm("init", "--preset", "tiny", "--out", str(tmp_path / "run"))
+    hf = slm("export-hf", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.n_layer == 2
+    exported = slm("export-gguf", str(tmp_path / "run"), str(tmp_path / "m.gguf"), "--type", "q8_0")
+    assert exported.returncode == 0, exported.stderr
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    architecture = reader.fields["general.architecture"]
+    assert bytes(architecture.parts[architecture.data[0]]).decode() == "gpt2"
