@@ -158,9 +158,9 @@ class BatchGenerator:
             self.device = torch.device("cpu")
         else:
             self.model = model
-            # Decoding reads the whole output matrix for every token; stored transposed and
-            # contiguous, the (1 × n_embd) @ (n_embd × vocab) product streams it row by row,
-            # about twice as fast on a CPU as multiplying by the transpose of the tied weight.
+            # Decoding reads the whole output matrix (most of the weights) for every token;
+            # stored transposed and contiguous, the (B × n_embd) @ (n_embd × vocab) product runs
+            # faster on a CPU than a product with the transpose of the tied embedding.
             head_t = model.lm_head.weight.detach().t().contiguous()
             self._head = lambda hidden: hidden @ head_t
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
@@ -269,8 +269,9 @@ class BatchGenerator:
         ]
         if plain_greedy:
             picks[plain_greedy] = logits[plain_greedy].argmax(dim=-1)
+        plain_greedy_rows = set(plain_greedy)
         for row, sequence in enumerate(sequences):
-            if row in plain_greedy:
+            if row in plain_greedy_rows:
                 continue
             previous = None
             if sequence.params.repetition_penalty != 1.0:
@@ -280,31 +281,27 @@ class BatchGenerator:
 
     def _accept(self, sequence: Sequence, token: int) -> TokenEvent:
         """Record a sampled token; work out the text it releases and whether the story ends."""
-        if token == self.tokenizer.eot_id:
-            sequence.finish_reason = "end_of_text"
-            return self._finish(sequence, None, "")
-        sequence.tokens.append(token)
-        text, stopped = sequence.stops.push(sequence.decoder.push(token))
-        if stopped:
-            sequence.finish_reason = "stop"
-            sequence.text.append(text)
-            return TokenEvent(sequence.id, token, text, "stop")
-        if len(sequence.generated) >= sequence.params.max_new_tokens:
-            sequence.finish_reason = "length"
-            return self._finish(sequence, token, text)
+        token_id: int | None = None
+        text, reason = "", "end_of_text"
+        if token != self.tokenizer.eot_id:  # <|endoftext|> is never part of the story
+            token_id = token
+            sequence.tokens.append(token)
+            text, stopped = sequence.stops.push(sequence.decoder.push(token))
+            if stopped:
+                reason = "stop"
+            elif len(sequence.generated) >= sequence.params.max_new_tokens:
+                reason = "length"
+            else:
+                reason = None
+        if reason in ("end_of_text", "length"):
+            # Release what was held back: an incomplete character, or the start of a stop
+            # string that will now never complete (unless the flushed bytes complete it).
+            tail, stopped = sequence.stops.push(sequence.decoder.flush())
+            text += tail if stopped else tail + sequence.stops.flush()
+            reason = "stop" if stopped else reason
+        sequence.finish_reason = reason
         sequence.text.append(text)
-        return TokenEvent(sequence.id, token, text, None)
-
-    @staticmethod
-    def _finish(sequence: Sequence, token: int | None, text: str) -> TokenEvent:
-        """Release everything still held back (an incomplete character, a partial stop)."""
-        tail, stopped = sequence.stops.push(sequence.decoder.flush())
-        text += tail if stopped else tail + sequence.stops.flush()
-        if stopped:
-            sequence.finish_reason = "stop"
-        sequence.text.append(text)
-        assert sequence.finish_reason is not None
-        return TokenEvent(sequence.id, token, text, sequence.finish_reason)
+        return TokenEvent(sequence.id, token_id, text, reason)
 
 
 def generate(
