@@ -1,5 +1,6 @@
-"""Decode speed: our KV-cached generation against our uncached model and Hugging Face's
-``GPT2LMHeadModel.generate`` on identical weights, in one run, with ratios.
+"""Decode speed: our KV-cached generation against our uncached model, Hugging Face's
+``GPT2LMHeadModel.generate`` and, where llama-cpp-python is installed, llama.cpp (our GGUF export
+as f32 and q8_0) on identical weights, in one run, with ratios.
 
     python bench/decode.py                      # the seed preset at block 512, CPU, fp32
     python bench/decode.py --device cuda --dtype bfloat16
@@ -7,24 +8,32 @@
 
 Greedy decoding of 200 new tokens after a 10-token prompt; medians over --repeats runs, the
 contenders interleaved so machine noise hits them alike. Not a test: speed is measured here,
-never asserted in the test suite.
+never asserted in the test suite. llama.cpp runs on the CPU with torch's thread count, a window
+of the block size per sequence, and decodes all the new tokens whatever they are (end-of-text
+included); the table sets our fp32 path against its f32 file, our int8 path against its q8_0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import logging
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType, TracebackType
 
+import numpy as np
 import torch
 
 from model import GPT, preset
 from model.checkpoint import load_checkpoint
+from model.export.gguf import export_gguf
 from model.export.hf import export_hf
 from model.generate import BatchGenerator
 from model.sampling import SamplingParams
@@ -32,12 +41,19 @@ from model.sampling import SamplingParams
 VALID_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-valid.txt"
 
 
-def our_decode(generator: BatchGenerator, prompts: list[list[int]], new_tokens: int) -> int:
+def our_greedy(
+    generator: BatchGenerator, prompts: list[list[int]], new_tokens: int
+) -> list[list[int]]:
+    """The greedy continuations of ``prompts``, decoded together."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     sequences = [generator.add(prompt, params)[0] for prompt in prompts]
     while generator.rows:
         generator.step()
-    return sum(len(s.generated) for s in sequences)
+    return [s.generated for s in sequences]
+
+
+def our_decode(generator: BatchGenerator, prompts: list[list[int]], new_tokens: int) -> int:
+    return sum(map(len, our_greedy(generator, prompts, new_tokens)))
 
 
 def hf_decode(hf_model, prompts: list[list[int]], new_tokens: int) -> int:
@@ -52,6 +68,105 @@ def hf_decode(hf_model, prompts: list[list[int]], new_tokens: int) -> int:
         use_cache=True,
     )
     return (out.shape[1] - idx.shape[1]) * idx.shape[0]
+
+
+class LlamaCppDecoder:
+    """Greedy decoding of a GGUF file in llama.cpp, through the C API of its Python binding:
+    up to ``sequences`` independent sequences of up to ``context`` tokens each, all advanced by
+    one ``llama_decode`` per token, as our ``BatchGenerator`` does; end-of-text never stops them.
+    """
+
+    def __init__(
+        self, llama_cpp: ModuleType, path: Path, sequences: int, context: int, threads: int
+    ) -> None:
+        self._lib = llama_cpp
+        model_params = llama_cpp.llama_model_default_params()
+        # As in tests/test_export.py: the high-level Llama class cannot turn weight repacking
+        # off, and its AMX repacking crashes on q8_0 models on AMX CPUs.
+        model_params.use_extra_bufts = False
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = sequences
+        # Each sequence gets a window of its own (the cache is not unified): n_ctx / n_seq_max.
+        params.n_ctx = params.n_batch = sequences * context
+        params.n_threads = params.n_threads_batch = threads
+        self._context = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._context:
+            llama_cpp.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not make a context for {path}")
+        self._batch = llama_cpp.llama_batch_init(sequences * context, 0, 1)
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._vocab_size = llama_cpp.llama_vocab_n_tokens(vocab)
+
+    def greedy(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        """``new_tokens`` greedy tokens after each prompt; all prompts are prefilled at once."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._context), True)
+        tokens = [list(prompt) for prompt in prompts]
+        batch = [
+            (token, position, seq, position == len(prompt) - 1)
+            for seq, prompt in enumerate(prompts)
+            for position, token in enumerate(prompt)
+        ]
+        for _ in range(new_tokens):
+            for sequence, token in zip(tokens, self._decode(batch), strict=True):
+                sequence.append(token)
+            batch = [(s[-1], len(s) - 1, seq, True) for seq, s in enumerate(tokens)]
+        return [s[len(prompt) :] for s, prompt in zip(tokens, prompts, strict=True)]
+
+    def decode(self, prompts: list[list[int]], new_tokens: int) -> int:
+        return sum(map(len, self.greedy(prompts, new_tokens)))
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Run (token, position, sequence, wants logits) entries; the argmax of each output."""
+        batch = self._batch
+        batch.n_tokens = len(entries)
+        for i, (token, position, seq, wants_logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = wants_logits
+        if (status := self._lib.llama_decode(self._context, batch)) != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        outputs = sum(wants_logits for *_, wants_logits in entries)
+        logits = self._lib.llama_get_logits(self._context)  # outputs in batch order
+        return np.ctypeslib.as_array(logits, (outputs, self._vocab_size)).argmax(1).tolist()
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._context)
+        self._lib.llama_model_free(self._model)
+
+    def __enter__(self) -> LlamaCppDecoder:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def import_llama_cpp() -> ModuleType | None:
+    """llama-cpp-python's low-level binding, quiet but for errors; None where not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback's level
+    return llama_cpp
+
+
+def leading_matches(ours: list[int], theirs: list[int]) -> int:
+    """How many tokens two continuations share before their first difference."""
+    for i, (our_token, their_token) in enumerate(zip(ours, theirs, strict=False)):
+        if our_token != their_token:
+            return i
+    return min(len(ours), len(theirs))
 
 
 def synchronize(device: str) -> None:
@@ -83,6 +198,34 @@ def validation_loss(model: torch.nn.Module, block: int, batches: int = 8) -> flo
     return statistics.mean(losses)
 
 
+def llama_cpp_decoders(
+    model: GPT, batches: list[int], window_needed: int, device: str, stack: contextlib.ExitStack
+) -> tuple[dict[tuple[str, int], LlamaCppDecoder], str]:
+    """llama.cpp decoders of ``model`` exported as f32 and q8_0, keyed by (file type, batch), closed
+    by ``stack``, and a line saying what they are; none, and why, where llama.cpp cannot run."""
+    llama_cpp = import_llama_cpp()
+    block = model.config.block_size
+    if llama_cpp is None:
+        return {}, "llama.cpp skipped: llama-cpp-python is not installed"
+    if device != "cpu":
+        return {}, "llama.cpp skipped: it is measured on the CPU only"
+    if window_needed > block:
+        return {}, f"llama.cpp skipped: prompt + new tokens overflow the block ({block})"
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    threads = torch.get_num_threads()
+    decoders: dict[tuple[str, int], LlamaCppDecoder] = {}
+    for file_type in ("f32", "q8_0"):
+        path = folder / f"model-{file_type}.gguf"
+        export_gguf(model, path, file_type)
+        for batch in batches:
+            decoder = LlamaCppDecoder(llama_cpp, path, batch, block, threads)
+            decoders[file_type, batch] = stack.enter_context(decoder)
+    return decoders, (
+        f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, {threads} threads, "
+        f"window {block} per sequence, end-of-text ignored"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="trained weights instead of random ones")
@@ -96,7 +239,11 @@ def main() -> None:
     parser.add_argument("--skip-uncached", action="store_true", help="skip the slowest contender")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        bench(args, stack)
 
+
+def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -107,6 +254,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, Path(folder))
         hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    batches = sorted({1, args.batch})
+    llama_decoders, llama_line = llama_cpp_decoders(
+        model, batches, args.prompt_tokens + args.new_tokens, args.device, stack
+    )
     dtype = getattr(torch, args.dtype)
     model = model.to(args.device, dtype)
     hf_model = hf_model.to(args.device, dtype)
@@ -138,6 +289,19 @@ def main() -> None:
         contenders[f"ours int8, KV cache, batch {args.batch}"] = lambda: our_decode(
             int8_n, many, new
         )
+    llama_runs = {  # name → (decoder, its prompts)
+        f"llama.cpp {file_type}, batch {batch}": (decoder, prompts[:batch])
+        for (file_type, batch), decoder in llama_decoders.items()
+    }
+    for name, (decoder, batch_prompts) in llama_runs.items():
+        contenders[name] = functools.partial(decoder.decode, batch_prompts, new)
+    llama_peers = {  # our contender → (the llama.cpp one it is set against, its file type)
+        f"{'ours' if file_type == 'f32' else 'ours int8'}, KV cache, batch {batch}": (
+            f"llama.cpp {file_type}, batch {batch}",
+            file_type,
+        )
+        for file_type, batch in llama_decoders
+    }
 
     for run in contenders.values():  # warm-up: allocator, kernels, caches
         run()
@@ -155,11 +319,30 @@ def main() -> None:
         f"{model.num_parameters() / 1e6:.1f}M parameters, prompt {args.prompt_tokens}, "
         f"{new} new tokens, greedy, median of {args.repeats}"
     )
-    print(f"{'contender':40} {'tok/s':>9} {'vs HF':>7}")
+    print(llama_line)
+    llama_column = f"  {'vs llama.cpp':>12}" if llama_peers else ""
+    print(f"{'contender':40} {'tok/s':>9} {'vs HF':>7}{llama_column}")
     for name, rate in medians.items():
         peer = hf_n if name.endswith(f"batch {args.batch}") else hf_1
-        print(f"{name:40} {rate:9.1f} {rate / peer:6.2f}x")
+        line = f"{name:40} {rate:9.1f} {rate / peer:6.2f}x"
+        if name in llama_peers:
+            llama_name, llama_type = llama_peers[name]
+            line += f"  {rate / medians[llama_name]:6.2f}x {llama_type}"
+        print(line)
     figures: dict[str, object] = {"tokens_per_second": medians, "runs": rates}
+    if llama_runs:  # a sanity check: the same weights should mostly pick the same tokens
+        ours = {1: our_greedy(cached_1, one, new), args.batch: our_greedy(cached_n, many, new)}
+        agreement = {
+            name: min(
+                map(leading_matches, ours[len(batch_prompts)], decoder.greedy(batch_prompts, new))
+            )
+            for name, (decoder, batch_prompts) in llama_runs.items()
+        }
+        print(
+            f"greedy tokens equal to ours before the first difference (worst sequence, of {new}): "
+            + "; ".join(f"{name.removeprefix('llama.cpp ')}: {n}" for name, n in agreement.items())
+        )
+        figures["llama_cpp_leading_matches"] = agreement
     if int8_model is not None:
         fp32_loss = validation_loss(model, min(256, model.config.block_size))
         int8_loss = validation_loss(int8_model, min(256, model.config.block_size))
