@@ -29,8 +29,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, layer: int, cache_step: CacheStep | None) -> Tensor:
         batch, seq, width = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(batch, seq, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3·C) → three (B, n_head, T, head_dim) views, in one permute.
+        qkv = self.c_attn(x).view(batch, seq, 3, self.n_head, width // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         mask, is_causal = None, True
         if cache_step is not None:
             k, v, mask, is_causal = cache_step.update(layer, k, v)

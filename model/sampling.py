@@ -90,7 +90,7 @@ def sample_token(
     if previous is not None:
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax()
+        return logits.max(dim=-1).indices  # argmax, with the same first-index tie rule, faster
     logits = logits / params.temperature
     if params.top_k:
         # Only the k best tokens matter from here on: sort and draw among them alone.
