@@ -251,6 +251,12 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         model, _ = load_checkpoint(args.checkpoint)
     else:
         model = GPT(preset("seed", block_size=args.block_size)).eval()
+    if args.prompt_tokens + args.new_tokens > model.config.block_size:
+        # Hugging Face's GPT-2 cannot go past its position table (ours slides its window).
+        raise SystemExit(
+            f"prompt + new tokens ({args.prompt_tokens + args.new_tokens}) exceed the model's "
+            f"block_size ({model.config.block_size}): lower --new-tokens"
+        )
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, Path(folder))
         hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
