@@ -218,7 +218,9 @@ class BatchGenerator:
 
     def remove(self, sequence_id: int) -> None:
         """Drop a sequence from the batch (finished, or its client went away)."""
-        row = next(i for i, s in enumerate(self.rows) if s.id == sequence_id)
+        row = next((i for i, s in enumerate(self.rows) if s.id == sequence_id), None)
+        if row is None:
+            raise KeyError(f"no running sequence with id {sequence_id}")
         last = len(self.rows) - 1
         if row != last and self.use_cache:
             self.cache.move_row(last, row)

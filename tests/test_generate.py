@@ -141,6 +141,8 @@ def test_newcomers_join_and_leavers_do_not_disturb_the_batch(tiny_model) -> None
     while generator.rows:
         generator.step()
     assert target.generated == solo.generated
+    with pytest.raises(KeyError, match=f"no running sequence with id {leaver.id}"):
+        generator.remove(leaver.id)
 
 
 def test_a_full_batch_refuses_newcomers(tiny_model) -> None:
