@@ -97,16 +97,16 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"[{meta.name}, step {meta.step}, on {device}]", file=sys.stderr)
     sys.stdout.write(args.prompt)
     started = time.perf_counter()
-    events = 0
+    tokens = 0
     quantization = "int8" if args.int8 else "none"
     for event in generate(model, args.prompt, params, quantization=quantization):
         sys.stdout.write(event.text)
         sys.stdout.flush()
-        events += 1
+        tokens += event.token_id is not None  # <|endoftext|> ends a story, is not in it
         finish = event.finish_reason
     elapsed = time.perf_counter() - started
     print(
-        f"\n[{finish}; {events} tokens in {elapsed:.2f} s, {events / elapsed:.1f} tok/s]",
+        f"\n[{finish}; {tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s]",
         file=sys.stderr,
     )
     return 0
