@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from model.cache import KVCache
 from model.gpt import GPT
@@ -137,7 +137,7 @@ class BatchGenerator:
         parameter = next(model.parameters())
         self.device = parameter.device
         if quantization == "int8":
-            self.model: nn.Module = quantize_int8(model)
+            self.model = quantize_int8(model)
             self._head = self.model.lm_head
             self.device = torch.device("cpu")
         else:
