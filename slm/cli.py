@@ -97,16 +97,19 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"[{meta.name}, step {meta.step}, on {device}]", file=sys.stderr)
     sys.stdout.write(args.prompt)
     started = time.perf_counter()
+    first_token_at = None
     tokens = 0
     quantization = "int8" if args.int8 else "none"
     for event in generate(model, args.prompt, params, quantization=quantization):
         sys.stdout.write(event.text)
         sys.stdout.flush()
+        first_token_at = first_token_at or time.perf_counter()
         tokens += event.token_id is not None  # <|endoftext|> ends a story, is not in it
         finish = event.finish_reason
-    elapsed = time.perf_counter() - started
+    decoding = time.perf_counter() - first_token_at
+    rate = f", then {(tokens - 1) / decoding:.1f} tok/s" if tokens > 1 else ""
     print(
-        f"\n[{finish}; {tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s]",
+        f"\n[{finish}; {tokens} tokens; first after {first_token_at - started:.2f} s{rate}]",
         file=sys.stderr,
     )
     return 0
@@ -132,8 +135,35 @@ def _export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from worker.data import MANIFEST, prepare
+
+    result = prepare(
+        args.source,
+        args.out,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        chunk_bytes=args.chunk_bytes,
+        quiet=args.quiet,
+    )
+    manifest = result.manifest
+    if result.skipped:
+        print(f"{args.out} already holds {args.source}, prepared ({MANIFEST} matches): no work")
+        return 0
+    tokens = sum(split.tokens for split in manifest.splits.values())
+    for name, split in manifest.splits.items():
+        path = args.out / split.file
+        print(f"{name}: {split.tokens:,} tokens, {split.stories:,} stories → {path}")
+    print(
+        f"{tokens:,} tokens in {result.seconds:.1f} s ({tokens / result.seconds:,.0f} tokens/s); "
+        f"manifest: {args.out / MANIFEST}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model.config import PRESETS
+    from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
 
     parser = argparse.ArgumentParser(
         prog="slm", description="Train and serve a small story-writing GPT."
@@ -191,6 +221,39 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("file", type=Path)
     gg.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16")
     gg.set_defaults(handler=_export_gguf)
+
+    prep = commands.add_parser(
+        "prepare",
+        help="tokenize TinyStories into train.bin / val.bin and a manifest, for training",
+        description="Tokenize stories with GPT-2's BPE into DATA_DIR/train.bin and val.bin "
+        "(uint16, <|endoftext|> after each story) and manifest.json, written last. Does nothing "
+        "when DATA_DIR already holds the same sources prepared with the same settings.",
+    )
+    prep.add_argument(
+        "--source",
+        required=True,
+        help="hub:v2 or hub:v1 (roneneldan/TinyStories on the Hugging Face hub), a folder of "
+        "*train*.txt and *valid*.txt files, one text file, or an http(s) URL of one",
+    )
+    prep.add_argument(
+        "--out", type=Path, required=True, metavar="DATA_DIR", help="folder to write into"
+    )
+    prep.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of stories sent to val when the source is a single file or URL (chosen by "
+        "a hash of each story) (default: %(default)s)",
+    )
+    prep.add_argument("--workers", type=int, help="tokenizer processes (default: one per CPU)")
+    prep.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="bytes of text per chunk handed to a worker (default: %(default)s)",
+    )
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(handler=_prepare)
     return parser
 
 

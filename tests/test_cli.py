@@ -26,7 +26,7 @@ def test_init_then_generate_streams_a_reproducible_story(tmp_path) -> None:
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("Once upon a time")
     assert len(first.stdout) > len("Once upon a time")
-    assert "[length; 12 tokens" in first.stderr and "tok/s]" in first.stderr
+    assert "[length; 12 tokens; first after" in first.stderr and "tok/s]" in first.stderr
     again = slm(*args, "--checkpoint", str(tmp_path / "run"))
     assert again.stdout == first.stdout
 
