@@ -161,6 +161,84 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from worker.config import TrainConfig, describe_error
+    from worker.state import has_state, load_state
+    from worker.trainer import Progress, train
+
+    given = {name: getattr(args, name) for name in TrainConfig.model_fields}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.resume is not None:
+        if given or args.data or args.out or args.init_from:
+            raise ValueError("--resume RUN_DIR takes no other options: the run keeps its own")
+        if not has_state(args.resume):
+            raise ValueError(f"{args.resume} holds no training state to resume")
+        state = load_state(args.resume)
+        config, data_dir, run_dir = TrainConfig(**state.config), Path(state.data_dir), args.resume
+    else:
+        if args.data is None or args.out is None:
+            raise ValueError("--data DATA_DIR and --out RUN_DIR are required (or --resume)")
+        try:
+            config = TrainConfig(**given)
+        except ValidationError as error:
+            raise ValueError(describe_error(error)) from None
+        data_dir, run_dir = args.data, args.out
+
+    master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone reports
+    bar = tqdm(desc="training", unit="step", file=sys.stderr, disable=args.quiet or not master)
+
+    def show(progress: Progress) -> None:
+        bar.total = progress.max_steps
+        bar.set_postfix(loss=f"{progress.train_loss:.3f}", tok_s=f"{progress.tokens_per_s:,.0f}")
+        bar.update(progress.step - bar.n)
+
+    with bar:
+        result = train(
+            config,
+            data_dir,
+            run_dir,
+            init_from=args.init_from,
+            on_progress=show,
+            log=None if args.quiet else lambda line: tqdm.write(line, file=sys.stderr),
+        )
+    if master:
+        best = "none" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+        print(
+            f"{result.status} at step {result.step}/{result.max_steps} "
+            f"({result.tokens_seen:,} tokens); best val loss {best}; "
+            f"checkpoint {result.last_checkpoint}"
+        )
+    return 0
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, so `slm train --help` lists every setting; unset
+    options stay None and TrainConfig's own defaults apply."""
+    import types
+    import typing
+
+    from worker.config import TrainConfig
+
+    group = parser.add_argument_group("training settings (TrainConfig)")
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+        annotation = field.annotation
+        if isinstance(annotation, types.UnionType):  # `int | None`
+            (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+        if annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(annotation) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(annotation), help=help_text)
+        else:
+            group.add_argument(flag, type=annotation, metavar=name.upper(), help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model.config import PRESETS
     from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
@@ -254,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(handler=_prepare)
+
+    tr = commands.add_parser(
+        "train",
+        help="train a model on prepared token files (or resume, or fine-tune)",
+        description="Train from scratch (--preset), fine-tune a checkpoint (--init-from) or "
+        "resume a run exactly (--resume RUN_DIR, or --out naming a run that holds a training "
+        "state). Checkpoints, history.json and loss.png go into RUN_DIR. Under torchrun every "
+        "process trains a slice of each batch; only rank 0 writes.",
+    )
+    tr.add_argument("--data", type=Path, metavar="DATA_DIR", help="from `slm prepare`")
+    tr.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder to write into")
+    tr.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run exactly")
+    tr.add_argument(
+        "--init-from", type=Path, metavar="CHECKPOINT", help="fine-tune from these weights"
+    )
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    _add_config_options(tr)
+    tr.set_defaults(handler=_train)
     return parser
 
 

@@ -40,3 +40,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data (TinyStories excerpts) is not present on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """A prepared data folder for the trainer: the real TinyStories excerpts where this machine
+    has them, else stories this fixture writes (so training tests never skip)."""
+    from worker.data import prepare
+
+    out = tmp_path_factory.mktemp("train-data")
+    if SHARED_DATA.is_dir():
+        prepare(SHARED_DATA, out, quiet=True)
+        return out
+    source = tmp_path_factory.mktemp("stories")
+    names = ["Tom", "Mia", "Ben", "Lily", "Sam"]
+    things = ["a red ball", "a small dog", "a big tree", "a blue kite", "a funny hat"]
+    for split, count in (("train", 400), ("valid", 60)):
+        stories = [
+            f"Once upon a time, {names[i % 5]} found {things[i // 5 % 5]}. "
+            f"{names[i % 5]} was very happy and played with it all day. The end."
+            for i in range(count)
+        ]
+        (source / f"stories-{split}.txt").write_text("\n<|endoftext|>\n".join(stories) + "\n")
+    prepare(source, out, quiet=True)
+    return out

@@ -66,3 +66,32 @@ def test_exports_from_the_command_line_load_in_their_tools(tmp_path) -> None:
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     architecture = reader.fields["general.architecture"]
     assert bytes(architecture.parts[architecture.data[0]]).decode() == "gpt2"
+
+
+def test_train_writes_a_checkpoint_that_generate_loads(train_data, tmp_path) -> None:
+    run = str(tmp_path / "run")
+    options = ("--max-steps", "3", "--batch-size", "2", "--block-size", "16", "--eval-iters", "1")
+    options += ("--log-interval", "1")
+    trained = slm("train", "--data", str(train_data), "--out", run, *options)
+    assert trained.returncode == 0, trained.stderr
+    assert "finished at step 3/3" in trained.stdout
+    assert "eval step 3: train loss" in trained.stderr and "tokens/s" in trained.stderr
+    story = slm("generate", "--checkpoint", run, "--max-new-tokens", "5", "--seed", "1")
+    assert story.returncode == 0, story.stderr
+    assert "[step-00000003, step 3, on cpu]" in story.stderr
+    resumed = slm("train", "--resume", run, "--quiet")  # already finished: nothing left to do
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished at step 3/3" in resumed.stdout
+
+
+def test_bad_train_options_are_a_clear_error(train_data, tmp_path) -> None:
+    common = ("train", "--data", str(train_data), "--out", str(tmp_path / "run"))
+    inverted = slm(*common, "--lr", "0.1", "--min-lr", "1")
+    assert inverted.returncode == 2
+    assert "min_lr (1.0) must not exceed lr (0.1)" in inverted.stderr
+    empty = slm(*common, "--batch-size", "0")
+    assert empty.returncode == 2
+    assert "batch_size: Input should be greater than or equal to 1" in empty.stderr
+    for result in (inverted, empty):
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

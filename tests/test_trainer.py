@@ -1,0 +1,342 @@
+"""The trainer: real token files, the tiny preset, the CPU, real processes for DDP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from model import GPT, preset
+from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from worker.config import TrainConfig
+from worker.data import prepare
+from worker.state import STATE_JSON
+from worker.trainer import (
+    HISTORY,
+    LOSS_PLOT,
+    Progress,
+    Trainer,
+    TrainError,
+    lr_at,
+    param_groups,
+    train,
+)
+
+
+def tiny(**overrides) -> TrainConfig:
+    """Small, fast settings; every test states what it changes."""
+    settings = dict(
+        preset="tiny",
+        batch_size=4,
+        block_size=32,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        max_steps=10,
+        eval_interval=1000,
+        eval_iters=2,
+        checkpoint_interval=0,
+        seed=0,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0].state_dict()
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+def test_loss_falls_on_real_text(train_data, tmp_path) -> None:
+    config = tiny(max_steps=40, eval_interval=20, eval_iters=4, warmup_steps=4)
+    result = train(config, train_data, tmp_path / "run")
+    evals = json.loads((tmp_path / "run" / HISTORY).read_text())["evals"]
+    assert [entry["step"] for entry in evals] == [20, 40]
+    # An untrained model scores ln(50257) ≈ 10.8 nats per token.
+    assert evals[-1]["val_loss"] < 7.5 < evals[0]["val_loss"] + 1.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert result.status == "finished" and result.best_val_loss == evals[-1]["val_loss"]
+    assert math.isclose(evals[-1]["val_perplexity"], math.exp(evals[-1]["val_loss"]))
+    # GPT-2 tokens of English stories average ~4 bytes: bits/byte ≈ nats/token / (4 ln 2).
+    ratio = evals[-1]["val_loss"] / math.log(2) / evals[-1]["val_bits_per_byte"]
+    assert 3.0 < ratio < 5.0
+    assert (tmp_path / "run" / LOSS_PLOT).read_bytes().startswith(b"\x89PNG")
+
+
+def test_one_batch_can_be_overfitted(tmp_path, tokenizer) -> None:
+    story = "Tom had a red ball. He threw it to Mia and she laughed."
+    (tmp_path / "src").mkdir()
+    for name in ("one-train.txt", "one-valid.txt"):
+        (tmp_path / "src" / name).write_text(story + "\n<|endoftext|>\n")
+    prepare(tmp_path / "src", tmp_path / "data", quiet=True)
+    length = len(tokenizer.encode(story)) + 1
+    # Windows of length-2 tokens can start at one of two places only: one batch, memorised.
+    config = tiny(block_size=length - 2, batch_size=2, max_steps=80, lr=1e-2, min_lr=1e-3)
+    result = train(config, tmp_path / "data", tmp_path / "run")
+    assert result.best_val_loss is not None and result.best_val_loss < 0.05
+
+
+# --- schedule, groups, accumulation -----------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
+    config = tiny(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, config, 110) == pytest.approx(1e-4)
+    assert lr_at(4, config, 110) == pytest.approx(5e-4)
+    assert lr_at(9, config, 110) == pytest.approx(1e-3)
+    assert lr_at(10, config, 110) == pytest.approx(1e-3)
+    assert lr_at(60, config, 110) == pytest.approx(5.5e-4)  # half-way down the cosine
+    assert lr_at(110, config, 110) == pytest.approx(1e-4)
+    assert lr_at(500, config, 110) == pytest.approx(1e-4)
+
+
+def test_schedule_advances_per_optimizer_step_not_per_micro_batch(train_data, tmp_path) -> None:
+    config = tiny(grad_accum=4, batch_size=1, warmup_steps=3, max_steps=6)
+    seen: list[Progress] = []
+    train(config, train_data, tmp_path / "run", on_progress=seen.append)
+    assert [p.lr for p in seen] == pytest.approx([lr_at(s, config, 6) for s in range(6)])
+
+
+def test_min_lr_above_peak_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"min_lr \(0.01\) must not exceed lr \(0.001\)"):
+        tiny(lr=1e-3, min_lr=1e-2)
+
+
+def test_weight_decay_applies_to_matrices_only() -> None:
+    model = GPT(preset("tiny"))
+    decayed, plain = param_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in plain["params"]} == {"weight", "bias"}
+    assert all(p.dim() == 1 for p in plain["params"])  # LayerNorm gains and biases
+    # Every parameter once; the tied embedding/head matrix is not counted twice.
+    assert len(decayed["params"]) + len(plain["params"]) == len(names)
+    assert sum(p.numel() for p in decayed["params"] + plain["params"]) == model.num_parameters()
+
+
+def gradients_after_one_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list:
+    """Feed the trainer fixed micro-batches and capture the gradients its optimizer sees."""
+    micro = x.shape[0] // trainer.config.grad_accum
+    parts = iter(zip(x.split(micro), y.split(micro), strict=True))
+    trainer.batches.next = lambda: next(parts)
+    captured = []
+    trainer.optimizer.step = lambda *a, **k: captured.append(
+        [p.grad.clone() for p in trainer.model.parameters()]
+    )
+    trainer._optimizer_step(lr=1e-3)
+    return captured[0]
+
+
+def test_accumulating_4_batches_of_2_equals_one_batch_of_8(train_data, tmp_path) -> None:
+    torch.manual_seed(1)
+    x = torch.randint(0, 50257, (8, 32))
+    y = torch.randint(0, 50257, (8, 32))
+    big = Trainer(tiny(batch_size=8, grad_clip=0), train_data, tmp_path / "a")
+    small = Trainer(tiny(batch_size=2, grad_accum=4, grad_clip=0), train_data, tmp_path / "b")
+    expected = gradients_after_one_step(big, x, y)
+    got = gradients_after_one_step(small, x, y)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in got)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def stop_after(steps: int) -> Callable[[], bool]:
+    """A stop request that arrives at the ``steps``-th check (checks come once per step)."""
+    checks = itertools.count(1)
+    return lambda: next(checks) >= steps
+
+
+def test_ten_steps_resumed_then_ten_more_equal_twenty_straight(train_data, tmp_path) -> None:
+    # Dropout and accumulation make the RNG and the data position matter as much as the weights.
+    config = tiny(max_steps=20, dropout=0.1, grad_accum=2, eval_interval=5)
+    straight = train(config, train_data, tmp_path / "straight")
+
+    seen: list[Progress] = []
+    should_stop = stop_after(10)
+    first = train(
+        config, train_data, tmp_path / "resumed", on_progress=seen.append, should_stop=should_stop
+    )
+    assert first.status == "stopped" and first.step == 10
+    rest: list[Progress] = []
+    second = train(config, train_data, tmp_path / "resumed", on_progress=rest.append)
+    assert second.status == "finished" and rest[0].step == 11 and second.step == 20
+    assert second.tokens_seen == straight.tokens_seen
+
+    assert_close(weights(straight.last_checkpoint), weights(second.last_checkpoint), atol=1e-6)
+    history = [
+        json.loads((tmp_path / run / HISTORY).read_text())["evals"]
+        for run in ("straight", "resumed")
+    ]
+    assert [e["step"] for e in history[1]] == [5, 10, 15, 20]
+    for a, b in zip(*history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+
+
+def test_training_state_is_safetensors_and_json_and_resumes_without_unpickling(
+    train_data, tmp_path, monkeypatch
+) -> None:
+    config = tiny(max_steps=6)
+    seen: list[Progress] = []
+    should_stop = stop_after(3)
+    train(config, train_data, tmp_path / "run", on_progress=seen.append, should_stop=should_stop)
+    files = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert {Path(name).suffix for name in files} == {".json", ".safetensors"}  # and no pickle
+    state = json.loads((tmp_path / "run" / STATE_JSON).read_text())
+    tensors = safetensors.torch.load_file(tmp_path / "run" / state["tensors_file"])
+    assert "rng.data" in tensors and "rng.torch.0" in tensors
+    assert any(key.endswith(".exp_avg_sq") for key in tensors)
+    assert state["step"] == 3 and state["checkpoint"] == "step-00000003"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert train(config, train_data, tmp_path / "run").step == 6
+
+
+def test_resuming_with_other_settings_is_refused(train_data, tmp_path) -> None:
+    train(tiny(max_steps=2), train_data, tmp_path / "run")
+    with pytest.raises(TrainError, match=r"other settings \(lr\)"):
+        train(tiny(max_steps=2, lr=1e-3), train_data, tmp_path / "run")
+
+
+# --- hooks for the worker ---------------------------------------------------------------------
+
+
+def test_cooperative_stop_saves_a_checkpoint_and_returns_stopped(train_data, tmp_path) -> None:
+    seen: list[Progress] = []
+    should_stop = stop_after(3)
+    result = train(
+        tiny(max_steps=50),
+        train_data,
+        tmp_path / "run",
+        on_progress=seen.append,
+        should_stop=should_stop,
+    )
+    assert result.status == "stopped" and result.step == 3 and result.max_steps == 50
+    meta = read_meta(tmp_path / "run")
+    assert meta.step == 3 and result.last_checkpoint == tmp_path / "run" / "step-00000003.json"
+    assert seen[-1].last_checkpoint == str(result.last_checkpoint)
+
+
+def test_progress_reports_advancing_steps_rates_and_eta(train_data, tmp_path) -> None:
+    seen: list[Progress] = []
+    train(
+        tiny(max_steps=5, checkpoint_interval=2),
+        train_data,
+        tmp_path / "run",
+        on_progress=seen.append,
+    )
+    assert [p.step for p in seen] == [1, 2, 3, 4, 5]
+    assert all(
+        p.max_steps == 5 and p.tokens_per_s > 0 and math.isfinite(p.train_loss) for p in seen
+    )
+    assert [p.tokens_seen for p in seen] == [128 * s for s in range(1, 6)]
+    assert seen[-1].eta_s == 0 and seen[0].eta_s > 0
+    assert seen[0].last_checkpoint is None
+    assert seen[1].last_checkpoint.endswith("step-00000002.json")
+
+
+def test_fine_tuning_starts_from_the_checkpoint_weights(train_data, tmp_path) -> None:
+    torch.manual_seed(5)
+    source = GPT(preset("tiny"))
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.normal_(0.0, 0.3)  # far from any fresh initialisation
+    path = save_checkpoint(tmp_path / "base", source, step=1234)
+    # A learning rate so small that one step leaves the weights where they started.
+    result = train(
+        tiny(max_steps=1, lr=1e-8, min_lr=0, warmup_steps=0),
+        train_data,
+        tmp_path / "ft",
+        init_from=path,
+    )
+    assert result.step == 1  # its own schedule, not the source's step 1234
+    tuned, meta = load_checkpoint(result.last_checkpoint)
+    assert_close(tuned.state_dict(), source.state_dict(), atol=1e-6)
+    assert meta.extra["init_from"] == str(path)
+    assert meta.extra["train_config"]["lr"] == 1e-8
+
+
+# --- several processes ------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import hashlib, os, sys
+from pathlib import Path
+import model.checkpoint, worker.state, worker.trainer
+from worker.config import TrainConfig
+
+rank = int(os.environ["RANK"])
+if rank != 0:
+    def refuse(path, data):
+        raise AssertionError(f"rank {rank} wrote {path}")
+    for module in (model.checkpoint, worker.state, worker.trainer):
+        module.atomic_write_bytes = refuse
+config = TrainConfig.model_validate_json(sys.argv[1])
+trainer = worker.trainer.Trainer(config, Path(sys.argv[2]), Path(sys.argv[3]))
+trainer.run()
+digest = hashlib.sha256()
+for tensor in trainer.model.state_dict().values():
+    digest.update(tensor.numpy().tobytes())
+print(f"rank {rank} weights {digest.hexdigest()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stay_in_sync_and_only_rank_0_writes(train_data, tmp_path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    config = tiny(max_steps=4, batch_size=2, eval_interval=2, dropout=0.0)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            config.model_dump_json(),
+            str(train_data),
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = {
+        line.split()[1]: line.split()[3]
+        for line in result.stdout.splitlines()
+        if line.startswith("rank ")
+    }
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    # Two processes of batch 2 draw exactly the windows one process of batch 4 does. Only the
+    # order of float additions differs, which Adam's normalisation magnifies to ~1e-5 on
+    # near-zero gradients; other windows would move weights by ~lr (3e-3).
+    single = train(config.model_copy(update={"batch_size": 4}), train_data, tmp_path / "single")
+    assert_close(weights(tmp_path / "ddp"), weights(single.last_checkpoint), atol=1e-4)

@@ -1,0 +1,108 @@
+"""TrainConfig: every setting of a training run, validated, with a bound on every number.
+
+This is the training part of a job spec: the CLI builds it from options, the HTTP API and the RQ
+worker will build it from JSON, and the trainer stores it beside its checkpoints to resume. It
+holds no paths (data, run folder, the checkpoint to fine-tune): those belong to the job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import PRESETS, GPTConfig, preset
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The model: a preset, plus the overrides that change its shape or regularisation.
+    preset: str = Field("tiny", description=f"model preset: {', '.join(PRESETS)}")
+    model_block_size: int | None = Field(
+        None, ge=8, le=8192, description="override the preset's positions (context length)"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout while training")
+
+    # Batches: tokens per optimizer step = batch_size × block_size × grad_accum × processes.
+    batch_size: int = Field(16, ge=1, le=4096, description="windows per micro-batch")
+    block_size: int | None = Field(
+        None, ge=2, le=8192, description="tokens per window (default: the model's positions)"
+    )
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+
+    # Optimizer and schedule (per optimizer step, never per micro-batch).
+    lr: float = Field(6e-4, gt=0.0, le=1.0, description="peak learning rate")
+    min_lr: float = Field(6e-5, ge=0.0, le=1.0, description="learning rate at the end of decay")
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="linear warm-up steps")
+    max_steps: int | None = Field(
+        None, ge=1, le=100_000_000, description="optimizer steps (1000 unless max_tokens is given)"
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**13, description="train for this many tokens instead of max_steps"
+    )
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW decay, ≥2-D weights")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW β2")
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="max gradient norm (0 = off)")
+
+    # Evaluation, logging and checkpoints.
+    eval_interval: int = Field(200, ge=1, le=100_000_000, description="steps between evals")
+    eval_iters: int = Field(20, ge=1, le=100_000, description="batches per eval and split")
+    log_interval: int = Field(10, ge=1, le=100_000_000, description="steps between log lines")
+    checkpoint_interval: int = Field(
+        1000, ge=0, le=100_000_000, description="steps between periodic checkpoints (0 = end)"
+    )
+
+    # Hardware and reproducibility.
+    dtype: Dtype = Field(
+        "auto", description="auto: bfloat16 on GPUs with it, float16 on older GPUs, CPU float32"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(1337, ge=0, le=2**63 - 1, description="seed for weights and batches")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("give max_steps or max_tokens, not both")
+        if self.block_size is not None and self.block_size > self.model().block_size:
+            raise ValueError(
+                f"block_size {self.block_size} exceeds the model's {self.model().block_size} "
+                f"positions; raise them with model_block_size"
+            )
+        return self
+
+    def model(self) -> GPTConfig:
+        """The network this config trains from scratch."""
+        overrides = {"dropout": self.dropout}
+        if self.model_block_size is not None:
+            overrides["block_size"] = self.model_block_size
+        return preset(self.preset, **overrides)
+
+    def tokens_per_step(self, block_size: int, world_size: int = 1) -> int:
+        return self.batch_size * block_size * self.grad_accum * world_size
+
+    def total_steps(self, block_size: int, world_size: int = 1) -> int:
+        if self.max_tokens is not None:
+            return math.ceil(self.max_tokens / self.tokens_per_step(block_size, world_size))
+        return self.max_steps if self.max_steps is not None else 1000
+
+
+def describe_error(error: ValidationError) -> str:
+    """A pydantic error as one line a user can act on: ``field: problem; ...``."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

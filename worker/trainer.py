@@ -1,0 +1,597 @@
+"""The training loop: random windows of the token files → AdamW steps → evals and checkpoints.
+
+A run folder (``run_dir``) ends up holding::
+
+    step-00001000.{safetensors,json}   periodic checkpoints (model.checkpoint's format)
+    best.{safetensors,json}            the checkpoint with the lowest validation loss so far
+    latest.json                        the manifest: the checkpoint written last
+    train-state.json, state-*.safetensors   what exact resume needs (worker.state)
+    history.json, loss.png             evaluations so far, and their curve
+
+What the original notebook got wrong, and this loop does instead: the learning rate follows
+warm-up then cosine decay per *optimizer* step (never per micro-batch), ``min_lr`` may not exceed
+the peak, weight decay applies to ≥2-D weights only (not biases, LayerNorms), and stories are
+separated by ``<|endoftext|>`` in the token files (``worker.data``).
+
+Under ``torchrun`` every process trains a slice of each batch with DistributedDataParallel; only
+rank 0 writes files, logs and reports progress.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from model.atomic import atomic_write_bytes
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.gpt import GPT
+from model.tokenizer import get_tokenizer
+from worker.config import TrainConfig
+from worker.data import EOT_ID, load_split
+from worker.state import TrainState, has_state, load_state, save_state
+
+HISTORY = "history.json"
+LOSS_PLOT = "loss.png"
+BEST = "best"
+# Dense bf16/fp16 peak FLOP/s per GPU, for MFU; GPUs not listed get no MFU figure.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer reports after every optimizer step (rank 0 only)."""
+
+    step: int
+    max_steps: int
+    train_loss: float  # this step's loss, averaged over its micro-batches
+    val_loss: float | None  # the latest evaluation's
+    lr: float
+    tokens_seen: int
+    tokens_per_s: float
+    eta_s: float
+    last_checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: Literal["finished", "stopped"]
+    step: int
+    max_steps: int
+    tokens_seen: int
+    best_val_loss: float | None
+    last_checkpoint: Path | None
+    run_dir: Path
+
+
+class TrainError(ValueError):
+    """Settings, data or a run folder the trainer cannot work with."""
+
+
+# --- pieces with no state of their own ----------------------------------------------------------
+
+
+def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): linear warm-up to ``lr`` over
+    ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if step >= max_steps:
+        return config.min_lr
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings; leave biases and LayerNorm gains alone, as GPT-2 did.
+    The tied embedding/head matrix appears once (named_parameters removes duplicates)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+@cache
+def token_byte_lengths() -> Tensor:
+    """UTF-8 bytes each GPT-2 token stands for, to turn nats per token into bits per byte.
+    <|endoftext|> counts one byte: it stands for the separator line, not its 13 characters."""
+    tokenizer = get_tokenizer()
+    lengths = [len(tokenizer.token_bytes(i)) for i in range(tokenizer.n_vocab)]
+    lengths[EOT_ID] = 1
+    return torch.tensor(lengths, dtype=torch.float64)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        if name == "float16":
+            raise TrainError("dtype float16 needs a CUDA GPU (it trains with a GradScaler there)")
+        return torch.bfloat16 if name == "bfloat16" else torch.float32
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+class Batches:
+    """Random windows of ``block_size + 1`` tokens from a memmapped split.
+
+    All processes share one seeded generator and draw the whole global batch, each keeping its
+    own slice: the generator's state is then the whole data position, the same on every rank,
+    and N processes see exactly the windows one process would with an N-times larger batch."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        block_size: int,
+        generator: torch.Generator,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(tokens) <= block_size + 1:
+            raise TrainError(
+                f"a split of {len(tokens):,} tokens is too short for windows of {block_size}"
+            )
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.generator, self.device = generator, device
+        self.rank, self.world_size = rank, world_size
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        starts = torch.randint(
+            len(self.tokens) - self.block_size,
+            (self.batch_size * self.world_size,),
+            generator=self.generator,
+        )[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        rows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
+        windows = torch.from_numpy(rows.astype(np.int64))
+        if self.device.type == "cuda":
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run. ``run()`` trains until ``max_steps``, or until ``should_stop()`` says so
+    (checked after every step; the run then saves a checkpoint and returns ``stopped``).
+
+    A ``run_dir`` that already holds a training state is resumed exactly (model, optimizer,
+    schedule, GradScaler, every RNG, data position), provided ``config`` is the one it was
+    started with. ``init_from`` fine-tunes: the weights of that checkpoint, a fresh schedule."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data_dir: Path,
+        run_dir: Path,
+        *,
+        init_from: Path | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if importlib.util.find_spec("matplotlib") is None:  # needed at the first eval: fail now
+            raise TrainError("training draws loss.png with matplotlib: pip install 'slm[worker]'")
+        self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.master = self.rank == 0
+        self._log = log if log is not None and self.master else None
+        self.device = resolve_device(config.device, self.local_rank)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._owns_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self._owns_process_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+        resumed = load_state(self.run_dir) if has_state(self.run_dir) else None
+        weights = init_from
+        if resumed is not None:
+            self._check_resumable(resumed)
+            weights = self.run_dir / f"{resumed.checkpoint}.json"
+            init_from = Path(resumed.init_from) if resumed.init_from else None
+        self.init_from = init_from
+        self.model = self._build_model(weights).to(self.device)
+        self.block_size = config.block_size or self.model.config.block_size
+        if self.block_size > self.model.config.block_size:
+            raise TrainError(
+                f"block_size {self.block_size} exceeds the {self.model.config.block_size} "
+                f"positions of the checkpoint {weights}"
+            )
+        self.max_steps = config.total_steps(self.block_size, self.world_size)
+        self.tokens_per_step = config.tokens_per_step(self.block_size, self.world_size)
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.train_tokens = load_split(self.data_dir, "train")
+        self.val_tokens = load_split(self.data_dir, "val")
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.batches = self._batches(self.train_tokens, self.data_generator)
+        # Dropout masks must differ between processes, and follow on from the weights' seed.
+        torch.manual_seed(config.seed + self.rank)
+
+        self.step, self.tokens_seen = 0, 0
+        self.best_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict[str, Any]] = []
+        if resumed is not None:
+            self._restore(resumed)
+
+        self.forward_model: torch.nn.Module = self.model
+        if config.compile:
+            self.forward_model = torch.compile(self.model)
+        self.train_model: torch.nn.Module = self.forward_model
+        if self.world_size > 1:
+            self.train_model = DistributedDataParallel(
+                self.forward_model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+
+    # --- set-up and resume ----------------------------------------------------------------------
+
+    def _build_model(self, init_from: Path | None) -> GPT:
+        torch.manual_seed(self.config.seed)
+        if init_from is None:
+            return GPT(self.config.model())
+        loaded, meta = load_checkpoint(init_from)
+        wanted = self.config.model_block_size
+        if wanted is not None and wanted != meta.config.block_size:
+            raise TrainError(
+                f"model_block_size {wanted} cannot change the {meta.config.block_size} "
+                f"positions of the checkpoint {init_from}"
+            )
+        # A fresh module with this run's dropout, holding the checkpoint's (fp32) weights.
+        model = GPT(meta.config.replace(dropout=self.config.dropout))
+        model.load_state_dict(loaded.state_dict())
+        return model
+
+    def _check_resumable(self, state: TrainState) -> None:
+        saved = state.config
+        given = self.config.model_dump()
+        changed = sorted(k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k))
+        if changed:
+            raise TrainError(
+                f"{self.run_dir} holds a run started with other settings ({', '.join(changed)}); "
+                f"resume it with its own settings (`slm train --resume {self.run_dir}`) or "
+                f"train into a new folder"
+            )
+        if state.world_size != self.world_size:
+            raise TrainError(
+                f"{self.run_dir} was trained by {state.world_size} processes; resume it with "
+                f"the same number for an exact continuation (now {self.world_size})"
+            )
+
+    def _restore(self, state: TrainState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        self.data_generator.set_state(state.rng["data"])
+        torch.set_rng_state(state.rng[f"torch.{self.rank}"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng[f"cuda.{self.rank}"], self.device)
+        self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.best_val_loss = state.best_val_loss
+        self.last_checkpoint = self.run_dir / f"{state.checkpoint}.json"
+        history = self.run_dir / HISTORY
+        if history.is_file():
+            evals = json.loads(history.read_bytes())["evals"]
+            self.history = [entry for entry in evals if entry["step"] <= self.step]
+
+    def _batches(self, tokens: np.ndarray, generator: torch.Generator) -> Batches:
+        return Batches(
+            tokens,
+            self.config.batch_size,
+            self.block_size,
+            generator,
+            self.device,
+            self.rank,
+            self.world_size,
+        )
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self._owns_process_group:
+                dist.destroy_process_group()
+
+    def _run(self) -> TrainResult:
+        self.model.train()
+        self._say(
+            f"training {self.model.num_parameters():,} parameters on {self.device} "
+            f"({str(self.dtype).removeprefix('torch.')}, {self.world_size} process(es)): "
+            f"step {self.step} of {self.max_steps}, {self.tokens_per_step:,} tokens per step"
+        )
+        step_seconds: float | None = None
+        val_loss = self.history[-1]["val_loss"] if self.history else None
+        while self.step < self.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(self.step, self.config, self.max_steps)
+            loss = self._optimizer_step(lr)
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            elapsed = time.perf_counter() - started
+            # A moving average, so one slow step (compilation, an eval) barely moves the ETA.
+            step_seconds = elapsed if step_seconds is None else 0.9 * step_seconds + 0.1 * elapsed
+            tokens_per_s = self.tokens_per_step / step_seconds
+            if self.step % self.config.log_interval == 0:
+                self._say(
+                    f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tokens/s{self._mfu(tokens_per_s)}"
+                )
+
+            evaluated = None
+            if self.step % self.config.eval_interval == 0 or self.step == self.max_steps:
+                evaluated = self._evaluate(lr)
+                val_loss = evaluated["val_loss"]
+            stop = self._stop_requested()
+            interval = self.config.checkpoint_interval
+            if (interval and self.step % interval == 0) or stop or self.step == self.max_steps:
+                self._save(evaluated)
+            if self.master and self.on_progress is not None:
+                self.on_progress(
+                    Progress(
+                        step=self.step,
+                        max_steps=self.max_steps,
+                        train_loss=loss,
+                        val_loss=val_loss,
+                        lr=lr,
+                        tokens_seen=self.tokens_seen,
+                        tokens_per_s=tokens_per_s,
+                        eta_s=(self.max_steps - self.step) * step_seconds,
+                        last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                    )
+                )
+            if stop:
+                self._say(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}")
+                return self._result("stopped")
+        return self._result("finished")
+
+    def _optimizer_step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.config.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.batches.next()
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            last = micro == accum - 1
+            sync = self.train_model.no_sync() if self.world_size > 1 and not last else nullcontext()
+            with sync:
+                with self._autocast():
+                    _, loss = self.train_model(x, y)
+                total += loss.detach()
+                # The mean over ``accum`` micro-batches, as if they were one large batch.
+                self.scaler.scale(loss / accum).backward()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (total / accum).item()
+
+    def _stop_requested(self) -> bool:
+        stop = self.master and self.should_stop is not None and self.should_stop()
+        if self.world_size == 1:
+            return stop
+        # Rank 0 decides; every process must leave the loop at the same step.
+        flag = torch.tensor([float(stop)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _mfu(self, tokens_per_s: float) -> str:
+        if self.device.type != "cuda":
+            return ""
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+        if peak is None:
+            return ""
+        config = self.model.config
+        # PaLM's estimate: 6 FLOPs per parameter per token, plus attention over the window.
+        per_token = 6 * self.model.num_parameters() + 12 * config.n_layer * config.n_embd * (
+            self.block_size
+        )
+        return f" | MFU {100 * tokens_per_s * per_token / (peak * self.world_size):.1f}%"
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, lr: float) -> dict[str, Any]:
+        """Mean loss over ``eval_iters`` batches of each split, the same windows every time (a
+        generator of their own, so evaluating never moves the training data position)."""
+        self.model.eval()
+        byte_lengths = token_byte_lengths().to(self.device)
+        metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
+        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
+            batches = self._batches(tokens, torch.Generator().manual_seed(self.config.seed + 1))
+            totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, bytes, count
+            for _ in range(self.config.eval_iters):
+                x, y = batches.next()
+                with self._autocast():
+                    _, loss = self.forward_model(x, y)
+                totals[0] += loss.double() * y.numel()
+                totals[1] += byte_lengths[y].sum()
+                totals[2] += y.numel()
+            if self.world_size > 1:
+                dist.all_reduce(totals)
+            nats, n_bytes, count = totals.tolist()
+            metrics[f"{split}_loss"] = nats / count
+            metrics[f"{split}_bits_per_byte"] = nats / (math.log(2) * n_bytes)
+        metrics["val_perplexity"] = math.exp(metrics["val_loss"])
+        self.model.train()
+        self.history.append(metrics)
+        self._say(
+            f"eval step {self.step}: train loss {metrics['train_loss']:.4f}, val loss "
+            f"{metrics['val_loss']:.4f}, val perplexity {metrics['val_perplexity']:.2f}, "
+            f"val {metrics['val_bits_per_byte']:.3f} bits/byte"
+        )
+        if self.master:
+            atomic_write_bytes(
+                self.run_dir / HISTORY, (json.dumps({"evals": self.history}, indent=2)).encode()
+            )
+            atomic_write_bytes(self.run_dir / LOSS_PLOT, loss_plot(self.history))
+        if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
+            self.best_val_loss = metrics["val_loss"]
+            if self.master:
+                self._checkpoint(metrics, name=BEST)
+        return metrics
+
+    # --- checkpoints and state ------------------------------------------------------------------
+
+    def _checkpoint(self, metrics: dict[str, Any] | None, name: str | None = None) -> Path:
+        metrics = metrics or (self.history[-1] if self.history else {})
+        path = save_checkpoint(
+            self.run_dir,
+            self.model,
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            train_loss=metrics.get("train_loss"),
+            val_loss=metrics.get("val_loss"),
+            name=name,
+            extra={
+                "train_config": self.config.model_dump(),
+                "eval": metrics,
+                "init_from": str(self.init_from) if self.init_from else None,
+            },
+        )
+        self._say(f"saved {path}")
+        return path
+
+    def _save(self, metrics: dict[str, Any] | None) -> None:
+        """A periodic checkpoint and, beside it, the training state that resumes from it."""
+        rng = {"data": self.data_generator.get_state()}
+        for kind, state in self._rng_states().items():
+            for rank, tensor in enumerate(self._gather(state)):
+                rng[f"{kind}.{rank}"] = tensor
+        if not self.master:
+            return
+        self.last_checkpoint = self._checkpoint(metrics)
+        save_state(
+            self.run_dir,
+            TrainState(
+                step=self.step,
+                tokens_seen=self.tokens_seen,
+                best_val_loss=self.best_val_loss,
+                checkpoint=self.last_checkpoint.stem,
+                config=self.config.model_dump(),
+                data_dir=str(self.data_dir),
+                init_from=str(self.init_from) if self.init_from else None,
+                world_size=self.world_size,
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=rng,
+            ),
+        )
+
+    def _rng_states(self) -> dict[str, Tensor]:
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every process's copy of ``tensor`` (same shape everywhere), on the CPU."""
+        if self.world_size == 1:
+            return [tensor]
+        local = tensor.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return [part.cpu() for part in parts]
+
+    def _result(self, status: Literal["finished", "stopped"]) -> TrainResult:
+        return TrainResult(
+            status=status,
+            step=self.step,
+            max_steps=self.max_steps,
+            tokens_seen=self.tokens_seen,
+            best_val_loss=self.best_val_loss,
+            last_checkpoint=self.last_checkpoint,
+            run_dir=self.run_dir,
+        )
+
+    def _say(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+
+def loss_plot(history: list[dict[str, Any]]) -> bytes:
+    """A PNG of train and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    from matplotlib import pyplot as plt
+
+    steps = [entry["step"] for entry in history]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    axes.plot(steps, [entry["train_loss"] for entry in history], marker=".", label="train")
+    axes.plot(steps, [entry["val_loss"] for entry in history], marker=".", label="val")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def train(
+    config: TrainConfig,
+    data_dir: Path,
+    run_dir: Path,
+    *,
+    init_from: Path | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or resume, when ``run_dir`` holds a training state); see ``Trainer``."""
+    return Trainer(
+        config,
+        data_dir,
+        run_dir,
+        init_from=init_from,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        log=log,
+    ).run()
