@@ -5,9 +5,11 @@
 
 The trainer (``worker.trainer.Trainer``) samples random windows from the memmapped token files,
 sets the learning rate, accumulates, clips, steps AdamW and reports progress every step. The bare
-loop does forward, backward and AdamW on one batch already in memory, nothing else: the ratio is
-what the trainer's bookkeeping costs. Step times are medians after --warmup steps, the contenders
-alternating for --repeats rounds so machine noise hits both alike. Data: --data, else the
+loop is a plain nanoGPT-style loop: forward to the full logits, ``F.cross_entropy`` on them,
+backward and AdamW, on one batch already in memory, nothing else. The ratio is what the model's
+fused, chunked output layer and loss (``model.loss``) gain net of what the trainer's bookkeeping
+costs. Step times are medians after --warmup steps, the contenders alternating for --repeats
+rounds so machine noise hits both alike. Data: --data, else the
 TinyStories excerpts in ../shared/data, prepared into a temporary folder. Not a test.
 """
 
@@ -23,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from model import GPT
 from worker.config import TrainConfig
@@ -70,7 +73,10 @@ def bare_step_seconds(config: TrainConfig, steps: int, warmup: int) -> list[floa
         started = time.perf_counter()
         for _ in range(config.grad_accum):
             with autocast:
-                _, loss = forward(x, y)
+                logits, _ = forward(x)
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1
+                )
             (loss / config.grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

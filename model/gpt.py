@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from model.cache import CacheStep
 from model.config import GPTConfig
+from model.loss import linear_cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
@@ -134,16 +135,24 @@ class GPT(nn.Module):
             x = block(x, cache_step)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) for every position, and the mean cross-entropy when targets
-        (B, T) are given (positions whose target is -1 are ignored)."""
-        logits = self.lm_head(self.hidden_states(idx))
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Without targets: the logits (B, T, vocab) for every position, and None. With targets
+        (B, T): None, and the mean cross-entropy over the positions whose target is not -1,
+        computed by ``model.loss.linear_cross_entropy`` a chunk of positions at a time, never
+        holding the (B·T, vocab) logits (their gradient neither)."""
+        hidden = self.hidden_states(idx)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-        )
-        return logits, loss
+            return self.lm_head(hidden), None
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:  # a quantized head, say
+            logits = head(hidden)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
+            return None, loss
+        return None, linear_cross_entropy(hidden, head.weight, targets)
 
     def forward_cached(self, idx: Tensor, cache_step: CacheStep) -> Tensor:
         """Run ``idx`` (B, T) through the network, reading and writing the KV cache as planned

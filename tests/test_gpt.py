@@ -59,18 +59,37 @@ def test_bias_false_removes_every_bias() -> None:
     assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
 
 
-def test_forward_returns_logits_and_the_mean_cross_entropy() -> None:
+def test_forward_returns_logits_or_the_mean_cross_entropy() -> None:
     model = GPT(preset("tiny")).eval()
     idx = torch.randint(0, 50257, (2, 16))
     targets = torch.randint(0, 50257, (2, 16))
     targets[0, :4] = -1  # ignored positions
-    logits, loss = model(idx, targets)
-    assert logits.shape == (2, 16, 50257)
+    logits, loss = model(idx)
+    assert logits is not None and logits.shape == (2, 16, 50257) and loss is None
+    none, loss = model(idx, targets)
+    assert none is None  # the fused loss never holds the logits
     expected = F.cross_entropy(logits.view(-1, 50257), targets.view(-1), ignore_index=-1)
     assert loss is not None and loss.item() == pytest.approx(expected.item(), rel=1e-6)
     # An untrained model is close to uniform over the vocabulary.
     assert loss.item() == pytest.approx(math.log(50257), rel=0.05)
-    assert model(idx)[1] is None
+
+
+def test_fused_loss_gives_the_gradients_of_the_plain_one() -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).train()
+    idx = torch.randint(0, 50257, (3, 40))
+    targets = torch.randint(0, 50257, (3, 40))
+    targets[1, 5:] = -1
+    _, fused = model(idx, targets)
+    (fused * 0.5).backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(idx)
+    plain = F.cross_entropy(logits.view(-1, 50257), targets.view(-1), ignore_index=-1)
+    (plain * 0.5).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_attention_is_causal() -> None:
