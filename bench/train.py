@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from contract.train import TrainConfig
 from model import GPT
-from worker.config import TrainConfig
 from worker.data import prepare
 from worker.trainer import Progress, Trainer, param_groups, resolve_device, resolve_dtype
 

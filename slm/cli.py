@@ -165,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
-    from worker.config import TrainConfig, describe_error
+    from contract.train import TrainConfig, describe_error
     from worker.state import has_state, load_state
     from worker.trainer import Progress, train
 
@@ -220,7 +220,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     import types
     import typing
 
-    from worker.config import TrainConfig
+    from contract.train import TrainConfig
 
     group = parser.add_argument_group("training settings (TrainConfig)")
     for name, field in TrainConfig.model_fields.items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from servers import redis_server
 
 from model import GPT, GPTConfig, preset
 from model.tokenizer import Tokenizer, get_tokenizer
@@ -64,3 +66,10 @@ def train_data(tmp_path_factory) -> Path:
         (source / f"stories-{split}.txt").write_text("\n<|endoftext|>\n".join(stories) + "\n")
     prepare(source, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis for the session (see servers.redis_server)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

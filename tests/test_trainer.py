@@ -16,9 +16,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from contract.train import TrainConfig
 from model import GPT, preset
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from worker.config import TrainConfig
 from worker.data import prepare
 from worker.state import STATE_JSON
 from worker.trainer import (
@@ -287,7 +287,7 @@ DDP_SCRIPT = """
 import hashlib, os, sys
 from pathlib import Path
 import model.checkpoint, worker.state, worker.trainer
-from worker.config import TrainConfig
+from contract.train import TrainConfig
 
 rank = int(os.environ["RANK"])
 if rank != 0:

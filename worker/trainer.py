@@ -38,11 +38,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from contract.train import TrainConfig
 from model.atomic import atomic_write_bytes
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.gpt import GPT
 from model.tokenizer import get_tokenizer
-from worker.config import TrainConfig
 from worker.data import EOT_ID, load_split
 from worker.state import TrainState, has_state, load_state, save_state
 

@@ -1,0 +1,144 @@
+"""The train-job contract: the spec a user submits, the progress the worker reports, and the names
+of everything the two sides share in Redis.
+
+The API validates a spec and enqueues it by the job function's import path (``JOB_FUNCTION``), so
+it never imports the worker; the worker parses the same spec back and writes ``JobProgress`` into
+the job's meta, which the API reads. Checkpoints are announced on ``CHECKPOINT_CHANNEL`` and the
+newest is also kept under ``LATEST_CHECKPOINT_KEY``, so a service that was down still finds it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contract.train import TrainConfig
+
+# Names a user gives (runs, datasets): letters, digits and '-', never a path.
+NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$"
+SOURCE_PATTERN = r"^(hub:v1|hub:v2|https?://[^\s]+)$"
+
+# Caps on a job beyond TrainConfig's own bounds, so one request cannot ask for a machine's worth.
+MAX_JOB_STEPS = 1_000_000
+MAX_JOB_BLOCK_SIZE = 2048
+MAX_TOKENS_PER_MICRO_BATCH = 1 << 18  # batch_size × block_size: 512 windows of 512
+HISTORY_LIMIT = 500  # loss points kept in a job's meta; older ones are thinned, not dropped
+
+JOB_FUNCTION = "worker.jobs.train_job"
+PROGRESS_META_KEY = "progress"
+SPEC_META_KEY = "spec"
+CHECKPOINT_CHANNEL = "slm:checkpoints"
+LATEST_CHECKPOINT_KEY = "slm:checkpoints:latest"
+
+
+def stop_key(job_id: str) -> str:
+    """Set by the API to ask a running job to stop; read by the job after every step."""
+    return f"slm:train-jobs:{job_id}:stop"
+
+
+class DataSpec(BaseModel):
+    """Where a job's tokens come from: a dataset already prepared under DATA_DIR (by name), or a
+    source the worker prepares first (the TinyStories files on the hub, or an http(s) URL)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str | None = Field(
+        None, pattern=NAME_PATTERN, description="a prepared dataset: DATA_DIR/<dataset>"
+    )
+    source: str | None = Field(
+        None,
+        pattern=SOURCE_PATTERN,
+        max_length=2048,
+        description="hub:v2, hub:v1 or an http(s) URL, prepared into DATA_DIR first",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DataSpec:
+        if (self.dataset is None) == (self.source is None):
+            raise ValueError("give exactly one of data.dataset and data.source")
+        return self
+
+
+class TrainJobSpec(BaseModel):
+    """One training job. Checkpoints go to CHECKPOINT_DIR/<run_name>/."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_name: str = Field(pattern=NAME_PATTERN, description="letters, digits and '-'")
+    data: DataSpec
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    init_from_run: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="fine-tune: start from the best (else latest) checkpoint of this run",
+    )
+
+    @model_validator(mode="after")
+    def _within_job_limits(self) -> TrainJobSpec:
+        train = self.train
+        if train.max_steps is not None and train.max_steps > MAX_JOB_STEPS:
+            raise ValueError(f"train.max_steps may be at most {MAX_JOB_STEPS:,} for a job")
+        block = train.block_size or train.model().block_size
+        if block > MAX_JOB_BLOCK_SIZE:
+            raise ValueError(f"block size {block} exceeds the job limit of {MAX_JOB_BLOCK_SIZE}")
+        if train.batch_size * block > MAX_TOKENS_PER_MICRO_BATCH:
+            raise ValueError(
+                f"train.batch_size × block size = {train.batch_size * block:,} tokens per "
+                f"micro-batch exceeds the job limit of {MAX_TOKENS_PER_MICRO_BATCH:,}; "
+                f"use grad_accum for larger batches"
+            )
+        if self.init_from_run == self.run_name:
+            raise ValueError("init_from_run must name another run (to continue one, resume it)")
+        return self
+
+
+JobState = Literal[
+    "queued",  # waiting for a worker
+    "preparing",  # tokenizing a source into DATA_DIR
+    "training",
+    "finished",
+    "stopped",  # a stop request was honoured: a checkpoint was saved, the job can be resumed
+    "failed",  # an error; the message says what, the job can be resumed
+    "cancelled",  # removed from the queue before it started
+    "abandoned",  # its worker died mid-job; resume continues from the last checkpoint
+]
+FINAL_STATES: frozenset[str] = frozenset(
+    {"finished", "stopped", "failed", "cancelled", "abandoned"}
+)
+
+
+class LossPoint(BaseModel):
+    step: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
+class JobProgress(BaseModel):
+    """A job's progress as stored in its RQ meta and returned by GET /train-jobs/{id}."""
+
+    state: JobState = "queued"
+    step: int = 0
+    max_steps: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    last_checkpoint: str | None = Field(
+        None, description="<run>/<checkpoint name>, relative to CHECKPOINT_DIR"
+    )
+    history: list[LossPoint] = Field(default_factory=list, description="bounded loss history")
+    message: str | None = Field(None, description="what went wrong, or what is happening")
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class CheckpointAnnouncement(BaseModel):
+    """Published on CHECKPOINT_CHANNEL and stored under LATEST_CHECKPOINT_KEY for each new one."""
+
+    run: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(description="the checkpoint's name inside the run folder")
+    step: int
+    val_loss: float | None = None
+    job_id: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -1,0 +1,59 @@
+"""Every setting of the worker and the service, read from the environment in one place.
+
+Variable names are the field names in upper case (``CHECKPOINT_DIR``, ``REDIS_URL``,
+``MAX_BATCH_SIZE``...); the README's configuration table lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    # --- shared by the worker and the service ---
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="one folder per run")
+    data_dir: Path = Field(Path("data"), description="prepared datasets, one folder each")
+    redis_url: str | None = Field(
+        None,
+        description="redis:// or unix:// URL; unset: `slm worker`/`slm up` start an embedded "
+        "Redis, `slm serve` runs without train jobs and polls for checkpoints",
+    )
+    queue_name: str = Field("slm-train", pattern=r"^[A-Za-z0-9_-]+$", description="RQ queue")
+
+    # --- the worker ---
+    job_timeout_s: int = Field(
+        7 * 24 * 3600, ge=60, description="RQ job timeout: the longest a training job may run"
+    )
+
+    # --- the service: HTTP ---
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, /generate, /v1 and /train-jobs need `Bearer <key>`; "
+        "admin routes always need it",
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+
+    # --- the service: the engine ---
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    quantization: Literal["none", "int8"] = Field("none", description="int8: CPU only")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="sequences decoded together")
+    max_waiting: int = Field(256, ge=0, le=100_000, description="queued requests before 429")
+    max_new_tokens: int = Field(1024, ge=1, le=100_000, description="cap per request")
+    max_prompt_tokens: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="longer prompts get 422 (the model keeps the last "
+        "block_size tokens of shorter ones)",
+    )
+    max_stop_strings: int = Field(8, ge=0, le=64)
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline per generation")
+
+    # --- the service: hot reload ---
+    reload_poll_s: float = Field(5.0, gt=0, description="manifest poll interval (fallback)")

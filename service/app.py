@@ -1,0 +1,43 @@
+"""The FastAPI application: settings, error shape, body limit, and the route groups.
+
+Run it with ``slm serve`` (uvicorn), or ``uvicorn service.app:create_app --factory``.
+Each route group owns its resources through its own ``lifespan``; this module only composes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+
+from contract.settings import Settings
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit
+from service.routes import train_jobs
+
+ROUTE_GROUPS = (train_jobs,)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        for group in ROUTE_GROUPS:
+            if hasattr(group, "lifespan"):
+                await stack.enter_async_context(group.lifespan(app))
+        yield
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="slm",
+        summary="Stories from a small GPT, streamed; training jobs on a GPU worker",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings()
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    for group in ROUTE_GROUPS:
+        app.include_router(group.router)
+    return app

