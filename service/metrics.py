@@ -1,0 +1,37 @@
+"""Prometheus metrics, all defined here (GET /metrics serves them in the text format).
+
+Latencies are histograms so p50/p99 can be taken server-side; counts carry only labels with a
+small, fixed set of values (route templates, status codes, outcomes), never user input.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter("slm_requests_total", "HTTP requests by route and status", ["route", "status"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "slm_time_to_first_token_seconds", "Request arrival to first token", buckets=LATENCY_BUCKETS
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "slm_inter_token_latency_seconds", "Time between tokens of a stream", buckets=TOKEN_BUCKETS
+)
+END_TO_END_LATENCY = Histogram(
+    "slm_request_latency_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS
+)
+QUEUE_TIME = Histogram(
+    "slm_queue_time_seconds",
+    "Time a request waited before joining the batch",
+    buckets=LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("slm_prompt_tokens_total", "Prompt tokens processed")
+GENERATED_TOKENS = Counter("slm_generated_tokens_total", "Tokens generated")
+RUNNING = Gauge("slm_running_requests", "Sequences in the decode batch")
+WAITING = Gauge("slm_waiting_requests", "Requests waiting to join the batch")
+BATCH_SIZE = Histogram(
+    "slm_batch_size", "Sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+MODEL = Info("slm_model", "The checkpoint serving new requests")
+RELOADS = Counter("slm_reloads_total", "Checkpoint reload attempts by outcome", ["outcome"])
