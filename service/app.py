@@ -14,9 +14,11 @@ from fastapi import FastAPI
 from contract.settings import Settings
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import train_jobs
+from service.metrics import RequestMetrics
+from service.routes import admin, generate, health, openai, playground, train_jobs
 
-ROUTE_GROUPS = (train_jobs,)
+# generate first: its lifespan starts the engine and the reloader that the others use.
+ROUTE_GROUPS = (generate, openai, health, admin, train_jobs, playground)
 
 
 @asynccontextmanager
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)  # added last, so outermost: it counts 413s too
     for group in ROUTE_GROUPS:
         app.include_router(group.router)
     return app

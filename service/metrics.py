@@ -7,6 +7,7 @@ small, fixed set of values (route templates, status codes, outcomes), never user
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -35,3 +36,32 @@ BATCH_SIZE = Histogram(
 )
 MODEL = Info("slm_model", "The checkpoint serving new requests")
 RELOADS = Counter("slm_reloads_total", "Checkpoint reload attempts by outcome", ["outcome"])
+GENERATIONS = Counter(
+    "slm_generations_total",
+    "Generations by how they ended: a finish reason, or cancelled (client gone), timeout, error",
+    ["reason"],
+)
+
+
+class RequestMetrics:
+    """ASGI middleware counting every answer in REQUESTS by route template and status.
+
+    The router records the route it picked in the scope before the answer starts; an answer
+    given before routing (413 from the body limit, which sits inside this middleware) or for an
+    unknown path counts as "unmatched", so labels stay a small fixed set."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                REQUESTS.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -140,3 +140,32 @@ def api_server(env: dict[str, str], workdir: Path, ready_path: str = "/openapi.j
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent event stream, read as a browser's EventSource does:
+    fields until a blank line, ``:`` lines are comments (keep-alive pings)."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+
+
+def write_checkpoint(run_dir: Path, seed: int = 0, step: int = 1) -> str:
+    """A `tiny` checkpoint with decisive weights (greedy output does not hinge on rounding);
+    returns its version, ``<run>/<name>``, as the service reports it."""
+    from model import preset
+    from model.checkpoint import save_checkpoint
+    from tests.conftest import sharp_model
+
+    meta_path = save_checkpoint(run_dir, sharp_model(preset("tiny"), seed=seed), step=step)
+    return f"{run_dir.name}/{meta_path.stem}"

@@ -1,0 +1,401 @@
+"""The generation engine: one thread decodes every request together (continuous batching).
+
+Routes ``submit`` a prompt and iterate the ``Generation`` they get back; the event loop never
+runs the model. The decode thread loops: drop requests whose client left or whose deadline
+passed, let waiting requests join (one prefill each), then decode one token for every running
+sequence in a single forward per model. Each event goes back to the request's asyncio queue
+through ``loop.call_soon_threadsafe``.
+
+Hot reload: every loaded model gets its own *lane* (a ``BatchGenerator`` with its KV cache).
+``install`` makes a new lane serve new requests; sequences already in an older lane keep
+decoding there until they finish, and the lane is dropped once empty. So a stream always ends
+on the checkpoint it started with.
+
+Batching does not change results: each sequence samples with its own seeded generator, and a
+greedy story is token-identical alone or among others (tested). A sampled story draws the same
+random numbers either way; its logits come from a batched forward whose float rounding can
+differ from a lone one by ~1e-6, so two runs could part only if a draw fell within that distance
+of a boundary between two tokens' cumulative probabilities (in practice they match; tests check
+the exact tokens on a model with decisive weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import Request
+
+from contract.settings import Settings
+from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent
+from model.sampling import SamplingParams
+from service.errors import ApiError
+from service.loaded import LoadedModel
+from service.metrics import (
+    BATCH_SIZE,
+    END_TO_END_LATENCY,
+    GENERATED_TOKENS,
+    GENERATIONS,
+    INTER_TOKEN_LATENCY,
+    MODEL,
+    PROMPT_TOKENS,
+    QUEUE_TIME,
+    RUNNING,
+    TIME_TO_FIRST_TOKEN,
+    WAITING,
+)
+from service.schemas import Finished, GenerateResponse, Piece, Timings, Usage
+
+log = logging.getLogger("slm.engine")
+
+# A slot frees as soon as any running story ends, which on this model is a matter of seconds.
+RETRY_AFTER_S = 1
+
+
+def no_model_message(settings: Settings) -> str:
+    folder = settings.checkpoint_dir
+    return (
+        f"no model loaded yet: there is no valid checkpoint under {folder} (CHECKPOINT_DIR). "
+        f"Train one with `slm train --data DATA_DIR --out {folder}/RUN` or POST /train-jobs, "
+        f"or write an untrained one with `slm init --preset tiny --out {folder}/RUN`; "
+        f"the service loads it within {settings.reload_poll_s:g} s."
+    )
+
+
+def decode_threads() -> int:
+    """Torch threads for decoding: every core this process may use but one, which stays free
+    for the event loop (HTTP, SSE, tokenizing) and for loading checkpoints."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def engine_of(request: Request) -> Engine:
+    """FastAPI dependency: the app's engine (started by the generate group's lifespan)."""
+    return request.app.state.engine
+
+
+@dataclass(eq=False)  # identity: a request is itself, whatever it holds
+class Generation:
+    """One request in the engine. The route iterates ``events()``; everything else is written by
+    the decode thread only (``cancelled`` aside, a flag the event loop sets)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    arrived: float  # time.perf_counter()
+    deadline: float
+    engine: Engine
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Piece | Finished | ApiError] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    sequence: Sequence | None = None
+    version: str | None = None
+    admitted: float | None = None
+    first_event_at: float | None = None
+    last_event_at: float | None = None
+    pending_ids: list[int] = field(default_factory=list)  # tokens whose text is held back
+
+    async def events(self) -> AsyncIterator[Piece | Finished]:
+        """Text pieces, then one ``Finished`` (iterate once). Raises ApiError on a timeout or
+        failure. Leaving early (the client went away) frees the request's slot at the next
+        step."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, ApiError):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            self.engine.cancel(self)
+
+    async def result(self) -> GenerateResponse:
+        """The whole story at once: what the stream would have sent, joined."""
+        pieces: list[Piece] = []
+        async for item in self.events():
+            if isinstance(item, Piece):
+                pieces.append(item)
+            else:
+                return GenerateResponse(
+                    text="".join(piece.text for piece in pieces),
+                    token_ids=[token for piece in pieces for token in piece.token_ids],
+                    **item.model_dump(),
+                )
+        raise AssertionError("events() always ends with Finished or raises")
+
+    def send(self, item: Piece | Finished | ApiError) -> None:
+        """From the decode thread to the request's event loop."""
+        # A closed event loop means the server is gone and nobody listens.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(eq=False)
+class Lane:
+    """One loaded model and the sequences decoding on it."""
+
+    loaded: LoadedModel
+    generator: BatchGenerator
+    running: dict[int, Generation] = field(default_factory=dict)  # by sequence id
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._cond = threading.Condition()
+        # Shared with the event loop, under _cond:
+        self._current: Lane | None = None
+        self._waiting: deque[Generation] = deque()
+        self._accepted = 0  # waiting + running: what admission control counts
+        self._stopping = False
+        # The decode thread's own:
+        self._lanes: list[Lane] = []
+        self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
+
+    # --- the event loop's side ---------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The model serving new requests."""
+        lane = self._current
+        return lane.loaded if lane else None
+
+    def start(self) -> None:
+        torch.set_num_threads(decode_threads())
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop decoding; requests still in the engine get a 503."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def install(self, loaded: LoadedModel) -> None:
+        """Serve new requests from ``loaded``. Called from the reloader's worker thread: the
+        lane's KV cache and transposed output matrix take a moment to build."""
+        generator = BatchGenerator(
+            loaded.model,
+            max_batch=self.settings.max_batch_size,
+            quantization=self.settings.quantization,
+        )
+        with self._cond:
+            self._current = Lane(loaded, generator)
+            self._cond.notify()
+        MODEL.info({"version": loaded.version, "step": str(loaded.meta.step)})
+
+    async def submit(self, prompt: str, params: SamplingParams) -> Generation:
+        """Queue a story. Raises ApiError: 503 without a model, 422 for a prompt over
+        MAX_PROMPT_TOKENS, 429 when the batch and the waiting queue are full."""
+        lane = self._current
+        if lane is None:
+            raise ApiError(503, no_model_message(self.settings))
+        # Tokenizing a prompt near the body limit takes tens of milliseconds: not on the loop.
+        ids = await asyncio.to_thread(lane.generator.encode_prompt, prompt)
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise ApiError(
+                422,
+                f"prompt: {len(ids)} tokens is above this server's limit of "
+                f"{self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)",
+                param="prompt",
+            )
+        now = time.perf_counter()
+        generation = Generation(
+            prompt=ids,
+            params=params,
+            arrived=now,
+            deadline=now + self.settings.request_timeout_s,
+            engine=self,
+            loop=asyncio.get_running_loop(),
+        )
+        capacity = self.settings.max_batch_size + self.settings.max_waiting
+        with self._cond:
+            if self._accepted >= capacity:
+                raise ApiError(
+                    429,
+                    f"the server is busy: {self.settings.max_batch_size} stories are being "
+                    f"written and {self.settings.max_waiting} are waiting; retry shortly",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            self._accepted += 1
+            self._waiting.append(generation)
+            WAITING.set(len(self._waiting))
+            self._cond.notify()
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        """The client stopped listening: a waiting request leaves the queue now, a running one
+        leaves the batch at the next step. Harmless once the generation has finished."""
+        generation.cancelled = True
+        with self._cond:
+            if generation in self._waiting:
+                self._waiting.remove(generation)
+                WAITING.set(len(self._waiting))
+                self._release("cancelled")
+
+    # --- the decode thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._running()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._expire_waiting(time.perf_counter())
+                    lane = self._current
+                    free = self.settings.max_batch_size - self._running()
+                    joining = min(free, len(self._waiting))
+                    newcomers = [self._waiting.popleft() for _ in range(joining)]
+                    WAITING.set(len(self._waiting))
+                if lane is not None and lane not in self._lanes:
+                    self._lanes.append(lane)
+                self._drop_leavers(time.perf_counter())
+                for generation in newcomers:
+                    self._admit(generation, lane)
+                for each in self._lanes:
+                    self._step(each)
+                # An older model's lane goes once its last story is done.
+                self._lanes = [each for each in self._lanes if each.running or each is lane]
+                RUNNING.set(self._running())
+        self._fail_all(ApiError(503, "the server is shutting down"))
+
+    def _running(self) -> int:
+        return sum(len(lane.running) for lane in self._lanes)
+
+    def _expire_waiting(self, now: float) -> None:
+        for generation in [g for g in self._waiting if g.deadline <= now]:
+            self._waiting.remove(generation)
+            self._time_out(generation)
+
+    def _drop_leavers(self, now: float) -> None:
+        for lane in self._lanes:
+            for generation in list(lane.running.values()):
+                if generation.cancelled or generation.deadline <= now:
+                    assert generation.sequence is not None
+                    lane.generator.remove(generation.sequence.id)
+                    del lane.running[generation.sequence.id]
+                    if generation.cancelled:
+                        self._release("cancelled")
+                    else:
+                        self._time_out(generation)
+
+    def _time_out(self, generation: Generation) -> None:
+        timeout = self.settings.request_timeout_s
+        generation.send(
+            ApiError(504, f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)")
+        )
+        self._release("timeout")
+
+    def _admit(self, generation: Generation, lane: Lane | None) -> None:
+        now = time.perf_counter()
+        assert lane is not None, "submit accepts requests only once a model is installed"
+        generation.admitted = now
+        QUEUE_TIME.observe(now - generation.arrived)
+        try:
+            sequence, event = lane.generator.add(generation.prompt, generation.params)
+        except ValueError as error:  # a token this checkpoint's vocabulary does not have
+            generation.send(ApiError(422, f"prompt: {error}", param="prompt"))
+            self._release("error")
+            return
+        PROMPT_TOKENS.inc(len(generation.prompt))
+        generation.sequence, generation.version = sequence, lane.loaded.version
+        if sequence.finish_reason is None:
+            lane.running[sequence.id] = generation
+        self._deliver(generation, event, time.perf_counter())
+
+    def _step(self, lane: Lane) -> None:
+        if not lane.running:
+            return
+        BATCH_SIZE.observe(len(lane.running))
+        try:
+            events = lane.generator.step()
+        except Exception:
+            # Nothing in the batch can be trusted after a failed forward: end its stories with
+            # an error and start the lane afresh, so later requests still get served.
+            log.exception("decode step failed on %s", lane.loaded.version)
+            for generation in lane.running.values():
+                generation.send(ApiError(500, "generation failed; see the server log"))
+                self._release("error")
+            lane.running.clear()
+            lane.generator = BatchGenerator(
+                lane.loaded.model,
+                max_batch=self.settings.max_batch_size,
+                quantization=self.settings.quantization,
+            )
+            return
+        now = time.perf_counter()
+        for event in events:
+            generation = lane.running[event.sequence_id]
+            if event.finish_reason is not None:
+                del lane.running[event.sequence_id]
+            self._deliver(generation, event, now)
+
+    def _deliver(self, generation: Generation, event: TokenEvent, now: float) -> None:
+        if generation.first_event_at is None:
+            generation.first_event_at = now
+            TIME_TO_FIRST_TOKEN.observe(now - generation.arrived)
+        else:
+            INTER_TOKEN_LATENCY.observe(now - generation.last_event_at)
+        generation.last_event_at = now
+        if event.token_id is not None:
+            generation.pending_ids.append(event.token_id)
+            GENERATED_TOKENS.inc()
+        if event.text or (event.finish_reason and generation.pending_ids):
+            generation.send(Piece(text=event.text, token_ids=generation.pending_ids))
+            generation.pending_ids = []
+        if event.finish_reason is not None:
+            generation.send(self._finished(generation, event.finish_reason, now))
+            self._release(event.finish_reason)
+            END_TO_END_LATENCY.observe(now - generation.arrived)
+
+    @staticmethod
+    def _finished(generation: Generation, reason: FinishReason, now: float) -> Finished:
+        sequence = generation.sequence
+        assert sequence is not None and generation.version is not None
+        assert generation.admitted is not None and generation.first_event_at is not None
+        generated = len(sequence.generated)
+        decoding = now - generation.first_event_at
+        return Finished(
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=sequence.prompt_length,
+                completion_tokens=generated,
+                total_tokens=sequence.prompt_length + generated,
+            ),
+            timings=Timings(
+                queue_s=generation.admitted - generation.arrived,
+                time_to_first_token_s=generation.first_event_at - generation.arrived,
+                total_s=now - generation.arrived,
+                tokens_per_s=(generated - 1) / decoding if generated > 1 and decoding > 0 else None,
+            ),
+            model=generation.version,
+            seed=sequence.seed,
+            prompt_truncated=sequence.prompt_truncated,
+        )
+
+    def _release(self, reason: str) -> None:
+        """A request leaves the engine, for ``reason`` (a finish reason, or why it was cut)."""
+        with self._cond:  # reentrant: callers may hold it already
+            self._accepted -= 1
+        GENERATIONS.labels(reason).inc()
+
+    def _fail_all(self, error: ApiError) -> None:
+        with self._cond:
+            leaving = [*self._waiting, *(g for lane in self._lanes for g in lane.running.values())]
+            self._waiting.clear()
+            for lane in self._lanes:
+                lane.running.clear()
+            for generation in leaving:
+                generation.send(error)
+                self._release("error")
+        RUNNING.set(0)
+        WAITING.set(0)

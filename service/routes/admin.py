@@ -1,0 +1,19 @@
+"""POST /admin/reload: check CHECKPOINT_DIR now, instead of waiting for the poll or Redis."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from service.auth import require_admin
+from service.reloader import Reloader, reloader_of
+from service.schemas import ReloadReport
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@router.post("/reload")
+async def reload(reloader: Annotated[Reloader, Depends(reloader_of)]) -> ReloadReport:
+    """Loads the newest checkpoint if it is not the one serving; says what happened."""
+    return await reloader.check("admin")

@@ -1,0 +1,32 @@
+"""GET /health (the process answers), GET /ready (a model is loaded), GET /metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.engine import Engine, engine_of, no_model_message
+from service.errors import ApiError
+from service.schemas import Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "no model loaded yet"}})
+async def ready(engine: Annotated[Engine, Depends(engine_of)]) -> Readiness:
+    loaded = engine.model
+    if loaded is None:
+        raise ApiError(503, no_model_message(engine.settings))
+    return Readiness(model=loaded.version, step=loaded.meta.step)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

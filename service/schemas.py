@@ -1,0 +1,229 @@
+"""Request and response models of the generation API, shared by the routes and the tests.
+
+Pydantic checks what a request can say about itself (types, ranges); ``sampling_params`` adds
+the limits this deployment sets (MAX_NEW_TOKENS, MAX_STOP_STRINGS), and the engine checks the
+prompt's length in tokens, since only the tokenizer knows it. Every refusal is a 422 naming the
+field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contract.settings import Settings
+from model.generate import FinishReason
+from model.sampling import MAX_SEED, SamplingParams
+from service.errors import ApiError
+
+# ---------------------------------------------------------------------------------------------
+# POST /generate
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(
+        "",
+        description="the story's beginning; empty starts a new story. At most MAX_PROMPT_TOKENS "
+        "tokens (422 above); of a prompt longer than the model's context, the model reads the "
+        "last block_size tokens (the answer says prompt_truncated)",
+    )
+    max_new_tokens: int = Field(200, ge=1, description="at most MAX_NEW_TOKENS")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy decoding")
+    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0: off")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeats")
+    stop: list[str] = Field(
+        default_factory=list, description="end before the first of these (at most MAX_STOP_STRINGS)"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="replays a story exactly")
+    stream: bool = Field(True, description="server-sent events; false: one JSON answer")
+
+    def sampling(self, settings: Settings) -> SamplingParams:
+        return sampling_params(
+            settings,
+            max_new_tokens=("max_new_tokens", self.max_new_tokens),
+            stop=self.stop,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+class Piece(BaseModel):
+    """One streamed event: text released by the tokens listed (text may be empty while a
+    character or a possible stop string is held back)."""
+
+    text: str
+    token_ids: list[int]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="arrival to joining the batch")
+    time_to_first_token_s: float = Field(description="arrival to the first token")
+    total_s: float = Field(description="arrival to the last token")
+    tokens_per_s: float | None = Field(
+        description="decode rate after the first token; null with fewer than two tokens"
+    )
+
+
+class Finished(BaseModel):
+    """The last event of a stream: how the story ended and what it cost."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    model: str = Field(description="the checkpoint version that wrote the story: <run>/<name>")
+    seed: int = Field(description="send it back to replay the story")
+    prompt_truncated: bool = Field(
+        description="the prompt was longer than the model's context; its last tokens were kept"
+    )
+
+
+class GenerateResponse(Finished):
+    """The answer to ``stream: false``: the same content as a stream, in one JSON."""
+
+    text: str
+    token_ids: list[int]
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI: POST /v1/completions, GET /v1/models
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completions request. Fields OpenAI defines and this model cannot honour
+    (logprobs, penalties, best_of...) are ignored, as other OpenAI-compatible servers do, so
+    clients written for OpenAI keep working; ``top_k`` and ``repetition_penalty`` are extras."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="ignored: the loaded checkpoint answers")
+    prompt: str = ""
+    max_tokens: int = Field(16, ge=1, description="OpenAI's default is 16")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def sampling(self, settings: Settings) -> SamplingParams:
+        return sampling_params(
+            settings,
+            max_new_tokens=("max_tokens", self.max_tokens),
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "slm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# Health and admin
+
+
+class Readiness(BaseModel):
+    ready: Literal[True] = True
+    model: str = Field(description="the version serving new requests")
+    step: int = Field(description="its training step")
+
+
+ReloadOutcome = Literal["loaded", "unchanged", "rejected", "no_checkpoint"]
+
+
+class ReloadReport(BaseModel):
+    outcome: ReloadOutcome
+    model: str | None = Field(description="the version serving new requests after the check")
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_params(
+    settings: Settings,
+    *,
+    max_new_tokens: tuple[str, int],
+    stop: list[str],
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+) -> SamplingParams:
+    """SamplingParams within this deployment's limits. ``max_new_tokens`` is (the field's name
+    in the request, its value), since OpenAI calls it ``max_tokens``."""
+    field, requested = max_new_tokens
+    if requested > settings.max_new_tokens:
+        raise ApiError(
+            422,
+            f"{field}: {requested} is above this server's limit of {settings.max_new_tokens} "
+            "(MAX_NEW_TOKENS)",
+            param=field,
+        )
+    if len(stop) > settings.max_stop_strings:
+        raise ApiError(
+            422,
+            f"stop: at most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), "
+            f"got {len(stop)}",
+            param="stop",
+        )
+    if any(not text for text in stop):
+        raise ApiError(422, "stop: stop strings must not be empty", param="stop")
+    return SamplingParams(
+        max_new_tokens=requested,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+    )

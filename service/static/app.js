@@ -1,0 +1,296 @@
+// The playground: streams stories from POST /generate and drives /train-jobs.
+// EventSource cannot POST, so the stream is read from fetch() and its server-sent events parsed
+// here; aborting the fetch closes the connection, and the server drops the story from its batch.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return body.error?.message ?? `HTTP ${response.status}`;
+  } catch {
+    return `HTTP ${response.status}`;
+  }
+}
+
+// --- the model ------------------------------------------------------------------------------
+
+async function refreshModel() {
+  try {
+    const response = await fetch("/ready");
+    const body = await response.json();
+    $("model-status").textContent = response.ok
+      ? `Model ${body.model} (step ${body.step})`
+      : body.error?.message ?? "No model loaded yet";
+  } catch {
+    $("model-status").textContent = "The service does not answer";
+  }
+}
+
+// --- server-sent events over fetch ------------------------------------------------------------
+
+// Yields {event, data} for each event in a response body, whatever the chunk boundaries.
+async function* serverSentEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+// --- writing a story ------------------------------------------------------------------------
+
+let running = null; // the AbortController of the story being written
+
+function generationRequest(form) {
+  const fields = new FormData(form);
+  const request = { prompt: fields.get("prompt"), stream: true };
+  for (const name of ["max_new_tokens", "top_k", "seed"]) {
+    if (fields.get(name) !== "") request[name] = parseInt(fields.get(name), 10);
+  }
+  for (const name of ["temperature", "top_p", "repetition_penalty"]) {
+    if (fields.get(name) !== "") request[name] = parseFloat(fields.get(name));
+  }
+  return request;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (running) return;
+  const request = generationRequest(event.target);
+  $("story-prompt").textContent = request.prompt;
+  $("story-text").textContent = "";
+  $("story-info").textContent = "Writing…";
+  running = new AbortController();
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  try {
+    const response = await fetch("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify(request),
+      signal: running.signal,
+    });
+    if (!response.ok) {
+      $("story-info").textContent = await errorMessage(response);
+      return;
+    }
+    for await (const { event: name, data } of serverSentEvents(response)) {
+      if (name === "token") {
+        $("story-text").textContent += data.text;
+      } else if (name === "done") {
+        const rate = data.timings.tokens_per_s;
+        $("story-info").textContent =
+          `${data.usage.completion_tokens} tokens, ended by ${data.finish_reason}; ` +
+          `first token ${(1000 * data.timings.time_to_first_token_s).toFixed(0)} ms` +
+          (rate ? `, ${rate.toFixed(1)} tokens/s` : "") +
+          `; model ${data.model}, seed ${data.seed}`;
+      } else if (name === "error") {
+        $("story-info").textContent = data.error?.message ?? "the story failed";
+      }
+    }
+  } catch (error) {
+    $("story-info").textContent =
+      error.name === "AbortError" ? "Stopped." : `Failed: ${error.message}`;
+  } finally {
+    running = null;
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+// --- training -------------------------------------------------------------------------------
+
+let watchedJob = null;
+let watchTimer = null;
+
+function jobRequest(form) {
+  const fields = new FormData(form);
+  const integer = (name) => parseInt(fields.get(name), 10);
+  return {
+    run_name: fields.get("run_name"),
+    data: { dataset: fields.get("dataset") },
+    train: {
+      preset: fields.get("preset"),
+      max_steps: integer("max_steps"),
+      batch_size: integer("batch_size"),
+      block_size: integer("block_size"),
+      lr: parseFloat(fields.get("lr")),
+      min_lr: parseFloat(fields.get("lr")) / 10,
+      warmup_steps: Math.min(100, Math.floor(integer("max_steps") / 10)),
+      eval_interval: integer("eval_interval"),
+      eval_iters: 5,
+      checkpoint_interval: integer("checkpoint_interval"),
+    },
+  };
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  $("train-error").textContent = "";
+  const response = await fetch("/train-jobs", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...authHeaders() },
+    body: JSON.stringify(jobRequest(event.target)),
+  });
+  if (!response.ok) {
+    $("train-error").textContent = await errorMessage(response);
+    return;
+  }
+  const job = await response.json();
+  await refreshJobs();
+  watch(job.id);
+}
+
+async function refreshJobs() {
+  const response = await fetch("/train-jobs?limit=10", { headers: authHeaders() });
+  if (!response.ok) {
+    $("train-error").textContent = await errorMessage(response);
+    return;
+  }
+  const list = $("jobs");
+  list.replaceChildren();
+  for (const job of (await response.json()).jobs) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `${job.spec.run_name} — ${job.progress.state}`;
+    button.addEventListener("click", () => watch(job.id));
+    item.append(button);
+    list.append(item);
+  }
+}
+
+function watch(jobId) {
+  watchedJob = jobId;
+  $("job-panel").hidden = false;
+  clearTimeout(watchTimer);
+  pollJob();
+}
+
+async function pollJob() {
+  const jobId = watchedJob;
+  const response = await fetch(`/train-jobs/${encodeURIComponent(jobId)}`, {
+    headers: authHeaders(),
+  });
+  if (jobId !== watchedJob) return;
+  if (!response.ok) {
+    $("job-status").textContent = await errorMessage(response);
+    return;
+  }
+  const job = await response.json();
+  const progress = job.progress;
+  $("job-title").textContent = `Job ${job.spec.run_name}`;
+  const losses = [
+    progress.train_loss != null ? `train ${progress.train_loss.toFixed(3)}` : null,
+    progress.val_loss != null ? `val ${progress.val_loss.toFixed(3)}` : null,
+  ].filter(Boolean);
+  $("job-status").textContent =
+    `${progress.state}: step ${progress.step} of ${progress.max_steps ?? "?"}` +
+    (losses.length ? ` — loss ${losses.join(", ")}` : "") +
+    (progress.message ? ` — ${progress.message}` : "");
+  $("job-progress").value = progress.max_steps ? progress.step / progress.max_steps : 0;
+  drawLosses($("loss-chart"), progress.history);
+  const active = ["queued", "preparing", "training"].includes(progress.state);
+  $("job-stop").disabled = !active;
+  $("job-resume").disabled = !["stopped", "failed", "abandoned"].includes(progress.state);
+  if (active) {
+    watchTimer = setTimeout(pollJob, 1000);
+  } else {
+    refreshModel();
+  }
+}
+
+async function jobAction(method, suffix) {
+  const response = await fetch(`/train-jobs/${encodeURIComponent(watchedJob)}${suffix}`, {
+    method,
+    headers: authHeaders(),
+  });
+  if (!response.ok) $("train-error").textContent = await errorMessage(response);
+  watch(watchedJob);
+}
+
+// Train and val loss against step, on one scale, with the axes labelled.
+function drawLosses(canvas, history) {
+  const context = canvas.getContext("2d");
+  const { width, height } = canvas;
+  const pad = { left: 48, right: 12, top: 12, bottom: 28 };
+  context.clearRect(0, 0, width, height);
+  const points = history.flatMap((p) => [p.train_loss, p.val_loss]).filter((v) => v != null);
+  if (!points.length) return;
+  const maxStep = Math.max(1, ...history.map((p) => p.step));
+  const low = Math.min(...points);
+  const high = Math.max(...points);
+  const span = high - low || 1;
+  const x = (step) => pad.left + (step / maxStep) * (width - pad.left - pad.right);
+  const y = (loss) => pad.top + ((high - loss) / span) * (height - pad.top - pad.bottom);
+  const style = getComputedStyle(document.documentElement);
+
+  context.strokeStyle = "#999";
+  context.fillStyle = "#555";
+  context.font = "12px system-ui";
+  context.beginPath();
+  context.moveTo(pad.left, pad.top);
+  context.lineTo(pad.left, height - pad.bottom);
+  context.lineTo(width - pad.right, height - pad.bottom);
+  context.stroke();
+  context.fillText(high.toFixed(2), 4, pad.top + 8);
+  context.fillText(low.toFixed(2), 4, height - pad.bottom);
+  context.fillText(`step ${maxStep}`, width - pad.right - 60, height - 8);
+
+  for (const [key, color] of [
+    ["train_loss", style.getPropertyValue("--accent")],
+    ["val_loss", style.getPropertyValue("--val")],
+  ]) {
+    const series = history.filter((p) => p[key] != null);
+    context.strokeStyle = color.trim();
+    context.lineWidth = 2;
+    context.beginPath();
+    series.forEach((p, i) => (i ? context.lineTo : context.moveTo).call(context, x(p.step), y(p[key])));
+    context.stroke();
+  }
+}
+
+// --- wiring ---------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("api-key").value = localStorage.getItem("slm-api-key") ?? "";
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem("slm-api-key", $("api-key").value.trim());
+    refreshJobs();
+  });
+  $("generate-form").addEventListener("submit", generate);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      $("generate-form").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", () => running?.abort());
+  $("train-form").addEventListener("submit", submitJob);
+  $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
+  $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
+  refreshModel();
+  refreshJobs();
+  setInterval(refreshModel, 10000);
+});
