@@ -9,6 +9,7 @@ newest is also kept under ``LATEST_CHECKPOINT_KEY``, so a service that was down 
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -60,6 +61,17 @@ class DataSpec(BaseModel):
             raise ValueError("give exactly one of data.dataset and data.source")
         return self
 
+    def folder_name(self) -> str:
+        """The dataset's folder under DATA_DIR. A source gets a name derived from it (never the
+        URL itself, which could hold '/' or '..'): ``tinystories-v2`` for ``hub:v2``,
+        ``url-<16 hex digits of its sha256>`` for a URL, so one URL is prepared once."""
+        if self.dataset is not None:
+            return self.dataset
+        assert self.source is not None  # _one_of
+        if self.source.startswith("hub:"):
+            return "tinystories-" + self.source.removeprefix("hub:")
+        return "url-" + hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
 
 class TrainJobSpec(BaseModel):
     """One training job. Checkpoints go to CHECKPOINT_DIR/<run_name>/."""
@@ -78,11 +90,14 @@ class TrainJobSpec(BaseModel):
     @model_validator(mode="after")
     def _within_job_limits(self) -> TrainJobSpec:
         train = self.train
-        if train.max_steps is not None and train.max_steps > MAX_JOB_STEPS:
-            raise ValueError(f"train.max_steps may be at most {MAX_JOB_STEPS:,} for a job")
         block = train.block_size or train.model().block_size
         if block > MAX_JOB_BLOCK_SIZE:
             raise ValueError(f"block size {block} exceeds the job limit of {MAX_JOB_BLOCK_SIZE}")
+        if train.total_steps(block) > MAX_JOB_STEPS:
+            raise ValueError(
+                f"train.max_steps (or max_tokens, {train.total_steps(block):,} steps) may be at "
+                f"most {MAX_JOB_STEPS:,} steps for a job"
+            )
         if train.batch_size * block > MAX_TOKENS_PER_MICRO_BATCH:
             raise ValueError(
                 f"train.batch_size × block size = {train.batch_size * block:,} tokens per "
@@ -129,6 +144,12 @@ class JobProgress(BaseModel):
         None, description="<run>/<checkpoint name>, relative to CHECKPOINT_DIR"
     )
     history: list[LossPoint] = Field(default_factory=list, description="bounded loss history")
+    history_every: int = Field(
+        1, ge=1, description="steps between history points; doubles each time it is thinned"
+    )
+    resumed_from: int | None = Field(
+        None, description="the step this run last resumed from (its last checkpoint)"
+    )
     message: str | None = Field(None, description="what went wrong, or what is happening")
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
     # --- shared by the worker and the service ---
     checkpoint_dir: Path = Field(Path("checkpoints"), description="one folder per run")
@@ -25,11 +25,36 @@ class Settings(BaseSettings):
         "Redis, `slm serve` runs without train jobs and polls for checkpoints",
     )
     queue_name: str = Field("slm-train", pattern=r"^[A-Za-z0-9_-]+$", description="RQ queue")
+    job_retention_s: int = Field(
+        30 * 24 * 3600,
+        ge=3600,
+        le=365 * 24 * 3600,
+        description="how long finished, stopped, failed and cancelled train jobs stay listed",
+    )
 
     # --- the worker ---
     job_timeout_s: int = Field(
         7 * 24 * 3600, ge=60, description="RQ job timeout: the longest a training job may run"
     )
+    job_heartbeat_s: int = Field(
+        10, ge=1, le=300, description="seconds between a busy worker's heartbeats"
+    )
+    job_abandoned_after_s: int = Field(
+        30,
+        ge=2,
+        le=3600,
+        description="a started job whose worker sent no heartbeat for this long is abandoned "
+        "(must exceed JOB_HEARTBEAT_S)",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> Settings:
+        if self.job_abandoned_after_s <= self.job_heartbeat_s:
+            raise ValueError(
+                f"JOB_ABANDONED_AFTER_S ({self.job_abandoned_after_s}) must exceed "
+                f"JOB_HEARTBEAT_S ({self.job_heartbeat_s}), or live jobs would look abandoned"
+            )
+        return self
 
     # --- the service: HTTP ---
     api_key: SecretStr | None = Field(

@@ -35,14 +35,6 @@ def find_checkpoint(path: Path | None) -> Path:
     return resolve_checkpoint(path)
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _fetch_vocab(args: argparse.Namespace) -> int:
     from model.tokenizer import install_vocab
 
@@ -58,7 +50,8 @@ def _init(args: argparse.Namespace) -> int:
     from model.checkpoint import save_checkpoint
 
     torch.manual_seed(args.seed)
-    model = GPT(preset(args.preset))
+    overrides = {"block_size": args.block_size} if args.block_size else {}
+    model = GPT(preset(args.preset, **overrides))
     path = save_checkpoint(
         args.out, model, step=0, extra={"preset": args.preset, "init_seed": args.seed}
     )
@@ -78,6 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from model.checkpoint import load_checkpoint
+    from model.device import pick_device
     from model.generate import generate
     from model.sampling import SamplingParams
 
@@ -214,6 +208,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+
+    # The service's own loggers (reloads, engine errors) at the level uvicorn's use.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    # One process: the engine batches every request on one copy of the model.
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from contract.broker import default_state_dir, embedded_redis
+    from contract.settings import Settings
+    from worker.runner import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = Settings()
+    if settings.redis_url is not None:
+        run_worker(settings, queue_name=args.queue, burst=args.burst)
+        return 0
+    with embedded_redis(default_state_dir(settings)) as url:
+        print(f"no REDIS_URL: using an embedded Redis; share it with REDIS_URL={url}", flush=True)
+        os.environ["REDIS_URL"] = url  # for the work horses, which read Settings again
+        settings = settings.model_copy(update={"redis_url": url})
+        run_worker(settings, queue_name=args.queue, burst=args.burst)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from slm.up import run_up
+
+    return run_up(args.host, args.port, args.log_level)
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, so `slm train --help` lists every setting; unset
     options stay None and TrainConfig's own defaults apply."""
@@ -265,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", choices=sorted(PRESETS), default="seed")
     init.add_argument("--out", type=Path, required=True, help="run folder to write into")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--block-size", type=int, help="positions (default: the preset's)")
     init.set_defaults(handler=_init)
 
     checkpoint_help = (
@@ -350,6 +385,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     _add_config_options(tr)
     tr.set_defaults(handler=_train)
+
+    work = commands.add_parser(
+        "worker",
+        help="run training jobs from the queue (an RQ worker; one job at a time)",
+        description="An RQ worker for the /train-jobs API. Settings come from the environment "
+        "(REDIS_URL, QUEUE_NAME, CHECKPOINT_DIR, DATA_DIR, JOB_TIMEOUT_S, JOB_HEARTBEAT_S, "
+        "JOB_ABANDONED_AFTER_S); without REDIS_URL it starts an embedded Redis and prints its URL.",
+    )
+    work.add_argument("--queue", help="queue to work on (default: $QUEUE_NAME or slm-train)")
+    work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    work.set_defaults(handler=_worker)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve stories over HTTP (SSE, OpenAI-compatible) from CHECKPOINT_DIR",
+        description="Run the inference service. Settings come from the environment "
+        "(CHECKPOINT_DIR, API_KEY, MAX_BATCH_SIZE, REDIS_URL...); new checkpoints are picked up "
+        "while it runs.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    serve.set_defaults(handler=_serve)
+
+    up = commands.add_parser(
+        "up",
+        help="run Redis, a training worker and the API together (the compose setup, no Docker)",
+        description="Start Redis (REDIS_URL's, or an embedded one), one `slm worker` and "
+        "`slm serve`, with their logs side by side; Ctrl-C stops them all.",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    up.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    up.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    up.set_defaults(handler=_up)
     return parser
 
 

@@ -179,6 +179,8 @@ class Batches:
 class Trainer:
     """One training run. ``run()`` trains until ``max_steps``, or until ``should_stop()`` says so
     (checked after every step; the run then saves a checkpoint and returns ``stopped``).
+    ``on_checkpoint`` gets the metadata path of every checkpoint once it is complete on disk
+    (periodic and best alike), for announcing it.
 
     A ``run_dir`` that already holds a training state is resumed exactly (model, optimizer,
     schedule, GradScaler, every RNG, data position), provided ``config`` is the one it was
@@ -192,13 +194,15 @@ class Trainer:
         *,
         init_from: Path | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         if importlib.util.find_spec("matplotlib") is None:  # needed at the first eval: fail now
             raise TrainError("training draws loss.png with matplotlib: pip install 'slm[worker]'")
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.on_progress, self.on_checkpoint = on_progress, on_checkpoint
+        self.should_stop = should_stop
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -496,6 +500,8 @@ class Trainer:
             },
         )
         self._say(f"saved {path}")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
         return path
 
     def _save(self, metrics: dict[str, Any] | None) -> None:
@@ -583,6 +589,7 @@ def train(
     *,
     init_from: Path | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
@@ -593,6 +600,7 @@ def train(
         run_dir,
         init_from=init_from,
         on_progress=on_progress,
+        on_checkpoint=on_checkpoint,
         should_stop=should_stop,
         log=log,
     ).run()

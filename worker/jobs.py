@@ -1,0 +1,288 @@
+"""The RQ job function: a ``TrainJobSpec`` in, a training run out, its progress in the job's meta.
+
+This module runs in RQ's work horse, the process forked for each job, never in the worker's
+parent (``worker.runner``): torch, and CUDA with it, start here and die with the horse, so a
+crashed or out-of-memory job leaves the worker whole for the next one.
+
+What a job does, in order: prepare its data if the spec names a source (under a file lock, so
+two jobs never write one folder), pick the checkpoint to fine-tune from, then train into
+CHECKPOINT_DIR/<run_name>/, which resumes exactly when that folder holds a training state (a job
+resumed after a stop or a crash). Along the way it writes a ``JobProgress`` into the job's meta
+(throttled, see ``ProgressReport``), announces every checkpoint on Redis, and polls the stop key.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from rq import get_current_job
+from rq.job import Job
+
+from contract.jobs import (
+    CHECKPOINT_CHANNEL,
+    HISTORY_LIMIT,
+    LATEST_CHECKPOINT_KEY,
+    PROGRESS_META_KEY,
+    CheckpointAnnouncement,
+    DataSpec,
+    JobProgress,
+    JobState,
+    LossPoint,
+    TrainJobSpec,
+    stop_key,
+)
+from contract.settings import Settings
+from model.checkpoint import CheckpointError, latest_checkpoint, read_meta
+from worker.data import DataError, prepare, read_manifest
+from worker.trainer import BEST, Progress, train
+
+log = logging.getLogger("slm.worker")
+
+META_WRITE_INTERVAL_S = 0.5  # progress reaches Redis at most twice a second between events
+STOP_POLL_INTERVAL_S = 0.25  # how often the stop key is read (the trainer asks every step)
+WORKER_GONE_EXIT_CODE = 70
+
+
+class TrainJobError(RuntimeError):
+    """A job that cannot run as specified; the message is what the user sees."""
+
+
+def thin_history(points: list[LossPoint]) -> list[LossPoint]:
+    """Every other point, the first always kept: the curve keeps its start and its shape at
+    half the resolution."""
+    return points[::2]
+
+
+class ProgressReport:
+    """The job's ``JobProgress``, kept in its RQ meta. Writes go out when the state changes,
+    after an evaluation or a checkpoint, and otherwise at most every ``META_WRITE_INTERVAL_S``,
+    so a fast GPU loop does not turn into a stream of Redis writes. Redis errors are logged and
+    skipped: a blip in Redis must not kill hours of training."""
+
+    def __init__(self, job: Job, spec: TrainJobSpec) -> None:
+        self.job, self.spec = job, spec
+        stored = job.meta.get(PROGRESS_META_KEY)
+        # A resumed job keeps its step count and history; the first new step trims what the
+        # checkpoint it resumed from does not hold.
+        self.progress = JobProgress.model_validate_json(stored) if stored else JobProgress()
+        self._written_at = 0.0
+        self._first_step = True
+
+    def update(self, **fields: Any) -> None:
+        self.progress = self.progress.model_copy(update=fields)
+
+    def set_state(self, state: JobState, message: str | None) -> None:
+        self.update(state=state, message=message)
+        self.save()
+
+    def save(self) -> None:
+        self.update(updated_at=datetime.now(UTC))
+        self.job.meta[PROGRESS_META_KEY] = self.progress.model_dump_json()
+        try:
+            self.job.save_meta()
+        except redis.RedisError as error:
+            log.warning("job %s: progress not saved (%s)", self.job.id, error)
+        self._written_at = time.monotonic()
+
+    def on_progress(self, step: Progress) -> None:
+        evaluated = step.step % self.spec.train.eval_interval == 0 or step.step == step.max_steps
+        if self._first_step:
+            self._first_step = False
+            resumed_from = step.step - 1 if step.step > 1 else None
+            self.update(resumed_from=resumed_from, message=None)
+        self.update(
+            step=step.step,
+            max_steps=step.max_steps,
+            train_loss=step.train_loss,
+            val_loss=step.val_loss,
+            tokens_per_s=step.tokens_per_s,
+            eta_s=step.eta_s,
+        )
+        self._record(
+            LossPoint(
+                step=step.step,
+                train_loss=step.train_loss,
+                val_loss=step.val_loss if evaluated else None,
+            )
+        )
+        if evaluated or time.monotonic() - self._written_at >= META_WRITE_INTERVAL_S:
+            self.save()
+
+    def _record(self, point: LossPoint) -> None:
+        history = [old for old in self.progress.history if old.step < point.step]
+        every = self.progress.history_every
+        if point.step % every == 0 or point.val_loss is not None:
+            history.append(point)
+        if len(history) > HISTORY_LIMIT:
+            history, every = thin_history(history), every * 2
+        self.update(history=history, history_every=every)
+
+    def on_checkpoint(self, name: str) -> None:
+        self.update(last_checkpoint=f"{self.spec.run_name}/{name}")
+        self.save()
+
+
+class StopRequests:
+    """The trainer's ``should_stop``: true once the API has set the job's stop key.
+
+    It also ends the horse at once when the worker that forked it is gone (``kill -9`` on the
+    worker leaves the horse orphaned, re-parented, and still training): an orphan would go on
+    writing into the run folder while the job is reported abandoned and perhaps resumed by
+    another worker. Exiting between two steps leaves the last checkpoint whole."""
+
+    def __init__(self, connection: redis.Redis, job_id: str) -> None:
+        self.connection, self.key = connection, stop_key(job_id)
+        self.worker_pid = os.getppid()
+        self._checked_at = 0.0
+
+    def __call__(self) -> bool:
+        if os.getppid() != self.worker_pid:
+            log.error("the worker (pid %d) is gone; this work horse exits", self.worker_pid)
+            os._exit(WORKER_GONE_EXIT_CODE)
+        now = time.monotonic()
+        if now - self._checked_at < STOP_POLL_INTERVAL_S:
+            return False
+        self._checked_at = now
+        try:
+            return bool(self.connection.exists(self.key))
+        except redis.RedisError as error:
+            log.warning("stop key not read (%s); training goes on", error)
+            return False
+
+
+def announce(connection: redis.Redis, announcement: CheckpointAnnouncement) -> None:
+    """Publish a new checkpoint and record it as the latest, in one round trip: subscribers
+    hear it now, and a service that was down reads ``LATEST_CHECKPOINT_KEY`` when it starts."""
+    message = announcement.model_dump_json()
+    try:
+        with connection.pipeline() as pipeline:
+            pipeline.set(LATEST_CHECKPOINT_KEY, message)
+            pipeline.publish(CHECKPOINT_CHANNEL, message)
+            pipeline.execute()
+    except redis.RedisError as error:
+        log.warning("checkpoint %s not announced (%s)", announcement.name, error)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (a ``.<name>.lock`` file beside it). The kernel drops it
+    when its process dies, so a job killed mid-preparation never blocks the next one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with folder.with_name(f".{folder.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def prepared_data(data: DataSpec, settings: Settings, report: ProgressReport) -> Path:
+    """The prepared data folder for ``data``, tokenizing its source first when it has one."""
+    folder = settings.data_dir / data.folder_name()
+    if data.source is None:
+        try:
+            read_manifest(folder)
+        except DataError as error:
+            raise TrainJobError(
+                f"dataset {data.dataset!r} is not prepared under DATA_DIR: {error}"
+            ) from None
+        return folder
+    report.set_state("preparing", f"preparing {data.source} into DATA_DIR/{folder.name}")
+    with folder_lock(folder):  # `prepare` allows one writer per folder
+        prepare(data.source, folder, quiet=True)
+    return folder
+
+
+def fine_tune_source(run: str | None, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint a fine-tuning job starts from: the run's best, else its latest."""
+    if run is None:
+        return None
+    run_dir = checkpoint_dir / run
+    best = run_dir / f"{BEST}.json"
+    if best.is_file():
+        return best
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise TrainJobError(f"init_from_run: run {run!r} has no checkpoint to fine-tune from")
+    return latest
+
+
+def train_job(spec_json: str) -> dict[str, Any]:
+    """The job function RQ runs (``contract.jobs.JOB_FUNCTION``). Errors end the job failed,
+    with a message in its progress; a stop ends it ``stopped`` after a checkpoint."""
+    job = get_current_job()
+    if job is None:
+        raise TrainJobError("train_job runs inside an RQ worker")
+    settings = Settings()
+    spec = TrainJobSpec.model_validate_json(spec_json)
+    report = ProgressReport(job, spec)
+    run_dir = settings.checkpoint_dir / spec.run_name
+    try:
+        data_dir = prepared_data(spec.data, settings, report)
+        init_from = fine_tune_source(spec.init_from_run, settings.checkpoint_dir)
+        report.set_state("training", "loading the model")
+
+        def on_checkpoint(path: Path) -> None:
+            meta = read_meta(path)
+            report.on_checkpoint(meta.name)
+            announce(
+                job.connection,
+                CheckpointAnnouncement(
+                    run=spec.run_name,
+                    name=meta.name,
+                    step=meta.step,
+                    val_loss=meta.val_loss,
+                    job_id=job.id,
+                ),
+            )
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result = train(
+            spec.train,
+            data_dir,
+            run_dir,
+            init_from=init_from,
+            on_progress=report.on_progress,
+            on_checkpoint=on_checkpoint,
+            should_stop=StopRequests(job.connection, job.id),
+            log=log.info,
+        )
+    except torch.cuda.OutOfMemoryError as error:
+        message = (
+            f"CUDA out of memory: lower train.batch_size or the block size (train.grad_accum "
+            f"keeps the tokens per step), or pick a smaller preset ({str(error)[:200]})"
+        )
+        report.set_state("failed", message)
+        raise TrainJobError(message) from None
+    except Exception as error:
+        # Our own errors say what to do; anything else at least names its type.
+        expected = isinstance(error, TrainJobError | DataError | CheckpointError | ValueError)
+        report.set_state("failed", str(error) if expected else f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        try:
+            job.connection.delete(stop_key(job.id))
+        except redis.RedisError:
+            log.warning("stop key of job %s not cleared", job.id)
+
+    checkpoint = result.last_checkpoint.stem if result.last_checkpoint else None
+    if result.status == "stopped":
+        message = f"stopped at step {result.step}; resume to continue from {checkpoint}"
+    else:
+        best = "none" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+        message = f"finished at step {result.step}; best val loss {best}"
+    report.set_state(result.status, message)
+    return {
+        "status": result.status,
+        "step": result.step,
+        "max_steps": result.max_steps,
+        "best_val_loss": result.best_val_loss,
+        "last_checkpoint": f"{spec.run_name}/{checkpoint}" if checkpoint else None,
+    }

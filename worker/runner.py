@@ -1,0 +1,79 @@
+"""The worker's parent process: an RQ worker on Settings.queue_name that forks a horse per job.
+
+Nothing here touches CUDA: the job function (``worker.jobs``) is imported by the work horse
+after the fork, so CUDA starts in each horse and dies with it (a CUDA context does not survive a
+fork), and the parent survives whatever a job does, an out-of-memory error included.
+
+Abandoned jobs. While a horse runs, the parent renews the job's entry in RQ's
+StartedJobRegistry every ``JOB_HEARTBEAT_S`` seconds (RQ's ``job_monitoring_interval``), each time
+for ``JOB_ABANDONED_AFTER_S`` seconds (``TrainWorker.get_heartbeat_ttl``; RQ itself would add a
+fixed 60 s). If the worker is killed, the renewals stop and the entry expires at most
+``JOB_ABANDONED_AFTER_S`` seconds (30 by default) after the kill. Whoever next runs RQ's
+``StartedJobRegistry.cleanup`` then moves the job to the FailedJobRegistry with an
+AbandonedJobError: the API does on every GET of /train-jobs, and every worker does when it starts
+and between jobs (``maintenance_interval``). The API reports such a job as ``abandoned``; its
+horse, orphaned, has already exited (``worker.jobs.StopRequests``), and resuming the job
+continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq import Queue, Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from contract.broker import connect
+from contract.jobs import stop_key
+from contract.settings import Settings
+
+log = logging.getLogger("slm.worker")
+
+
+class TrainWorker(Worker):
+    """RQ's forking worker, with the time after which a silent job counts as abandoned taken
+    from Settings rather than RQ's ``job_monitoring_interval + 60``, and a warm shutdown that
+    stops the running job at a checkpoint instead of waiting for it to finish."""
+
+    abandoned_after_s: int = 30
+    job_timeout_s: int = 7 * 24 * 3600
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.abandoned_after_s
+
+    def handle_warm_shutdown_request(self) -> None:
+        """SIGTERM or a first Ctrl-C: RQ would wait for the whole run, days perhaps, and
+        `docker stop` would then kill it anyway. Ask the job to stop instead: within a step it
+        saves a checkpoint and ends ``stopped``, ready to resume; then this worker exits."""
+        super().handle_warm_shutdown_request()
+        execution = self.execution
+        if execution is not None:
+            self.connection.set(stop_key(execution.job_id), 1, ex=self.job_timeout_s)
+
+
+def run_worker(settings: Settings, *, queue_name: str | None = None, burst: bool = False) -> bool:
+    """Work on the queue until stopped (or, with ``burst``, until it is empty). Needs
+    ``settings.redis_url``; ``slm worker`` starts an embedded Redis when it is unset."""
+    connection = connect(settings)
+    # JSON, not RQ's default pickle: nothing read back from Redis can run code in this process.
+    queue = Queue(
+        queue_name or settings.queue_name, connection=connection, serializer=JSONSerializer
+    )
+    worker = TrainWorker(
+        [queue],
+        connection=connection,
+        serializer=JSONSerializer,
+        job_monitoring_interval=settings.job_heartbeat_s,
+        maintenance_interval=settings.job_abandoned_after_s,
+    )
+    worker.abandoned_after_s = settings.job_abandoned_after_s
+    worker.job_timeout_s = settings.job_timeout_s
+    log.info(
+        "worker %s on queue %r: heartbeat every %d s, a silent job is abandoned after %d s",
+        worker.name,
+        queue.name,
+        settings.job_heartbeat_s,
+        settings.job_abandoned_after_s,
+    )
+    return worker.work(burst=burst, with_scheduler=False)
