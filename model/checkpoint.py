@@ -186,11 +186,14 @@ def save_checkpoint(
     val_loss: float | None = None,
     extra: dict[str, Any] | None = None,
     name: str | None = None,
+    manifest: bool = True,
 ) -> Path:
     """Write ``<name>.safetensors``, then ``<name>.json``, then point ``latest.json`` at them.
 
     Returns the metadata path. Each file is replaced atomically and the manifest goes last, so a
-    reader following it never sees a checkpoint whose files are not all complete."""
+    reader following it never sees a checkpoint whose files are not all complete.
+    ``manifest=False`` writes a side copy (the trainer's ``best``) that readers following the
+    manifest never switch to: what they serve stays the run's latest, each under its own name."""
     run_dir = Path(run_dir)
     name = f"step-{step:08d}" if name is None else name
     _check(
@@ -224,13 +227,14 @@ def save_checkpoint(
     )
     # Serialise everything before writing anything, so bad metadata leaves the folder untouched.
     meta_json = _json_bytes(meta.to_dict())
-    manifest = _json_bytes(
+    manifest_json = _json_bytes(
         {"format_version": FORMAT_VERSION, "name": meta.name, "created_at": meta.created_at}
     )
     meta_path = run_dir / f"{meta.name}.json"
     atomic_write_bytes(run_dir / meta.weights_file, weights)
     atomic_write_bytes(meta_path, meta_json)
-    atomic_write_bytes(run_dir / MANIFEST, manifest)
+    if manifest:
+        atomic_write_bytes(run_dir / MANIFEST, manifest_json)
     return meta_path
 
 

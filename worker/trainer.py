@@ -478,12 +478,16 @@ class Trainer:
         if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
             self.best_val_loss = metrics["val_loss"]
             if self.master:
-                self._checkpoint(metrics, name=BEST)
+                self._checkpoint(metrics, name=BEST, latest=False)
         return metrics
 
     # --- checkpoints and state ------------------------------------------------------------------
 
-    def _checkpoint(self, metrics: dict[str, Any] | None, name: str | None = None) -> Path:
+    def _checkpoint(
+        self, metrics: dict[str, Any] | None, name: str | None = None, latest: bool = True
+    ) -> Path:
+        """Save the model; ``latest=False`` for the best-so-far copy, which neither moves the
+        run's manifest nor is announced: services follow the periodic checkpoints."""
         metrics = metrics or (self.history[-1] if self.history else {})
         path = save_checkpoint(
             self.run_dir,
@@ -493,6 +497,7 @@ class Trainer:
             train_loss=metrics.get("train_loss"),
             val_loss=metrics.get("val_loss"),
             name=name,
+            manifest=latest,
             extra={
                 "train_config": self.config.model_dump(),
                 "eval": metrics,
@@ -500,7 +505,7 @@ class Trainer:
             },
         )
         self._say(f"saved {path}")
-        if self.on_checkpoint is not None:
+        if latest and self.on_checkpoint is not None:
             self.on_checkpoint(path)
         return path
 

@@ -174,7 +174,7 @@ async function refreshJobs() {
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = `${job.spec.run_name} — ${job.progress.state}`;
+    button.textContent = `${job.run_name} — ${job.state}`;
     button.addEventListener("click", () => watch(job.id));
     item.append(button);
     list.append(item);
@@ -199,25 +199,25 @@ async function pollJob() {
     return;
   }
   const job = await response.json();
-  const progress = job.progress;
-  $("job-title").textContent = `Job ${job.spec.run_name}`;
+  $("job-title").textContent = `Job ${job.run_name}`;
   const losses = [
-    progress.train_loss != null ? `train ${progress.train_loss.toFixed(3)}` : null,
-    progress.val_loss != null ? `val ${progress.val_loss.toFixed(3)}` : null,
+    job.train_loss != null ? `train ${job.train_loss.toFixed(3)}` : null,
+    job.val_loss != null ? `val ${job.val_loss.toFixed(3)}` : null,
   ].filter(Boolean);
   $("job-status").textContent =
-    `${progress.state}: step ${progress.step} of ${progress.max_steps ?? "?"}` +
+    `${job.state}: step ${job.step} of ${job.max_steps ?? "?"}` +
     (losses.length ? ` — loss ${losses.join(", ")}` : "") +
-    (progress.message ? ` — ${progress.message}` : "");
-  $("job-progress").value = progress.max_steps ? progress.step / progress.max_steps : 0;
-  drawLosses($("loss-chart"), progress.history);
-  const active = ["queued", "preparing", "training"].includes(progress.state);
+    (job.message ? ` — ${job.message}` : "");
+  $("job-progress").value = job.max_steps ? job.step / job.max_steps : 0;
+  drawLosses($("loss-chart"), job.history);
+  const active = ["queued", "preparing", "training"].includes(job.state);
   $("job-stop").disabled = !active;
-  $("job-resume").disabled = !["stopped", "failed", "abandoned"].includes(progress.state);
+  $("job-resume").disabled = !["stopped", "failed", "abandoned"].includes(job.state);
   if (active) {
     watchTimer = setTimeout(pollJob, 1000);
   } else {
     refreshModel();
+    refreshJobs();
   }
 }
 
