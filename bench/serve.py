@@ -172,7 +172,7 @@ def hf_batch(checkpoint_dir: Path, batch: int, new_tokens: int, repeats: int) ->
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, Path(folder))
         hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [get_tokenizer().encode_ordinary(PROMPT)] * batch
+    prompts = [get_tokenizer().encode(PROMPT)] * batch
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -210,6 +210,7 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        hf_rate = hf_batch(checkpoints, args.hf_batch, args.new_tokens, args.hf_repeats)
         port = free_port()
         service = start_service(checkpoints, port, args.max_batch, Path(folder) / "serve.log")
         try:
@@ -222,7 +223,6 @@ def main() -> None:
         finally:
             service.terminate()
             service.wait(30)
-        hf_rate = hf_batch(checkpoints, args.hf_batch, args.new_tokens, args.hf_repeats)
 
     single = next((level["tokens_per_s"] for level in levels if level["clients"] == 1), None)
     print(

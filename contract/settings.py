@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         "block_size tokens of shorter ones)",
     )
     max_stop_strings: int = Field(8, ge=0, le=64)
+    decode_threads: int = Field(
+        0, ge=0, le=1024, description="torch threads for decoding; 0: every core"
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline per generation")
 
     # --- the service: hot reload ---

@@ -70,10 +70,12 @@ def no_model_message(settings: Settings) -> str:
     )
 
 
-def decode_threads() -> int:
-    """Torch threads for decoding: every core this process may use but one, which stays free
-    for the event loop (HTTP, SSE, tokenizing) and for loading checkpoints."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+def decode_threads(configured: int) -> int:
+    """Torch threads for decoding: DECODE_THREADS, or by default every core this process may use.
+    Keeping one core for the event loop sounds right but measured worse: on 2 cores, 16 and 64
+    streams ran at 618 and 831 tokens/s with one decode thread against 714 and 1236 with two
+    (BENCHMARKS.md); the loop's work per token is small beside a decode step."""
+    return configured or len(os.sched_getaffinity(0))
 
 
 def engine_of(request: Request) -> Engine:
@@ -168,7 +170,7 @@ class Engine:
         return lane.loaded if lane else None
 
     def start(self) -> None:
-        torch.set_num_threads(decode_threads())
+        torch.set_num_threads(decode_threads(self.settings.decode_threads))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
