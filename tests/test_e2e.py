@@ -282,7 +282,7 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             )
 
             page.get_by_label("Run name").fill("browser")
-            page.get_by_label("Dataset (under DATA_DIR)").fill("stories")
+            page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL").fill("stories")
             page.get_by_label("Steps").fill("60")
             page.get_by_label("Eval every").fill("10")
             page.get_by_role("button", name="Start training").click()

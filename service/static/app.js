@@ -129,7 +129,10 @@ function jobRequest(form) {
   const integer = (name) => parseInt(fields.get(name), 10);
   return {
     run_name: fields.get("run_name"),
-    data: { dataset: fields.get("dataset") },
+    // A prepared dataset is named; the hub's TinyStories or a URL is prepared by the worker first.
+    data: /^(hub:|https?:)/.test(fields.get("dataset"))
+      ? { source: fields.get("dataset") }
+      : { dataset: fields.get("dataset") },
     train: {
       preset: fields.get("preset"),
       max_steps: integer("max_steps"),
