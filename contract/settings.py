@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         "admin routes always need it",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a request body must arrive within this long of its headers, else 408 "
+        "(slow clients cannot hold a connection)",
+    )
 
     # --- the service: the engine ---
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

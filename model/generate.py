@@ -187,8 +187,12 @@ class BatchGenerator:
         )
         self._next_id += 1
         row = len(self.rows)
-        hidden = self._prefill(row, prompt[context_start:])
-        event = self._accept(sequence, self._sample(self._head(hidden), [sequence])[0])
+        try:
+            hidden = self._prefill(row, prompt[context_start:])
+            event = self._accept(sequence, self._sample(self._head(hidden), [sequence])[0])
+        except BaseException:
+            self.cache.clear_row(row)  # the row stays free for the next sequence
+            raise
         if sequence.finish_reason is None:
             self.rows.append(sequence)
         else:

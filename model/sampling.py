@@ -68,7 +68,8 @@ def apply_repetition_penalty(logits: Tensor, previous: Tensor, penalty: float) -
         return logits
     logits = logits.clone()
     seen = logits[previous]
-    logits[previous] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # nan_to_num: a penalty that float32 rounds to 0 or inf must not turn a logit into nan.
+    logits[previous] = torch.nan_to_num(torch.where(seen > 0, seen / penalty, seen * penalty))
     return logits
 
 
@@ -76,7 +77,9 @@ def top_p_mask(sorted_probs: Tensor, top_p: float) -> Tensor:
     """For probabilities sorted in descending order: True where a token falls outside the
     nucleus (the smallest prefix whose total reaches ``top_p``). The top token always stays."""
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    return mass_before >= top_p
+    outside = mass_before >= top_p
+    outside[..., 0] = False  # even a top_p that float32 rounds to 0 keeps one token to draw
+    return outside
 
 
 def sample_token(
@@ -91,7 +94,10 @@ def sample_token(
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
         return logits.max(dim=-1).indices  # argmax, with the same first-index tie rule, faster
-    logits = logits / params.temperature
+    # Extreme but valid settings (a temperature or penalty of 1e-300 is 0 in float32, 1e300 is
+    # inf) can give inf or nan logits, and multinomial refuses those. Clamp to the finite range:
+    # the draw then goes to the best tokens, the limit those settings tend to.
+    logits = torch.nan_to_num(logits / params.temperature, nan=0.0)
     if params.top_k:
         # Only the k best tokens matter from here on: sort and draw among them alone.
         logits, candidates = torch.topk(logits, min(params.top_k, logits.numel()))

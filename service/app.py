@@ -39,7 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or Settings()
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=app.state.settings.max_body_bytes,
+        timeout_s=app.state.settings.body_timeout_s,
+    )
     app.add_middleware(RequestMetrics)  # added last, so outermost: it counts 413s too
     for group in ROUTE_GROUPS:
         app.include_router(group.router)

@@ -308,6 +308,12 @@ class Engine:
             generation.send(ApiError(422, f"prompt: {error}", param="prompt"))
             self._release("error")
             return
+        except Exception:
+            # This request alone fails; the decode thread (every other story) carries on.
+            log.exception("prefill failed on %s", lane.loaded.version)
+            generation.send(ApiError(500, "generation failed; see the server log"))
+            self._release("error")
+            return
         PROMPT_TOKENS.inc(len(generation.prompt))
         generation.sequence, generation.version = sequence, lane.loaded.version
         if sequence.finish_reason is None:

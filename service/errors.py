@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("slm.service")
@@ -19,6 +20,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "request_timeout",
     409: "conflict_error",
     413: "request_too_large",
     415: "invalid_request_error",
@@ -26,6 +28,44 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="what was wrong, and what to do about it")
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(None, description="the request field at fault, if one is")
+    code: str | None = Field(None, description="a stable name for the error, where it has one")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every answer that is not a success."""
+
+    error: ErrorInfo
+
+
+_DESCRIPTIONS = {
+    400: "the body could not be read (not UTF-8, or nested too deeply)",
+    408: "the request body did not arrive within BODY_TIMEOUT_S",
+    401: "missing or wrong API key",
+    403: "admin routes are disabled (no API_KEY set)",
+    404: "no such resource",
+    409: "conflicts with the resource's state",
+    413: "request body larger than MAX_BODY_BYTES",
+    415: "the body is not application/json",
+    422: "invalid request: the message names the field",
+    429: "the server is busy; retry after Retry-After seconds",
+    503: "not available now: the message says why",
+    504: "the story took longer than REQUEST_TIMEOUT_S",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes that can answer these error statuses, all with the one
+    error shape, so clients (and schemathesis) know every status a route may give."""
+    return {
+        status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 class ApiError(Exception):
@@ -72,6 +112,10 @@ def _field(loc: tuple[Any, ...]) -> str:
 def describe_validation(error: RequestValidationError) -> tuple[str, str | None]:
     messages, first_field = [], None
     for item in error.errors():
+        if item.get("type") == "json_invalid":  # loc is ("body", position): not a field
+            reason = item.get("ctx", {}).get("error", "invalid JSON")
+            messages.append(f"the body is not valid JSON: {reason} at character {item['loc'][-1]}")
+            continue
         field = _field(tuple(item.get("loc", ())))
         first_field = first_field or field or None
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
@@ -93,7 +137,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), headers=error.headers)
+        message = str(error.detail)
+        if error.status_code == 400 and error.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body" hides why; the cause says it
+            # (invalid UTF-8, nesting past the recursion limit, an integer over 4,300 digits).
+            message = f"the body could not be read as JSON: {error.__cause__}"
+        return error_response(error.status_code, message, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

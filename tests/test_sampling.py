@@ -60,6 +60,26 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
     assert draw(greedy, logits, n=1, previous=torch.tensor([0])) == Counter({2: 1})
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"temperature": 5e-324},  # 0 in float32: logits / 0
+        {"temperature": 1e300},  # inf in float32
+        {"repetition_penalty": 5e-324},
+        {"repetition_penalty": 1e308},
+        {"temperature": 1e-30, "top_k": 2},
+        {"temperature": 1e-30, "top_p": 0.5},
+        {"top_p": 1e-50},  # 0 in float32: the nucleus must still keep the top token
+    ],
+)
+def test_extreme_valid_settings_still_draw_a_token(change) -> None:
+    # Found by tests/test_fuzz.py: these made multinomial raise, failing every story in the batch.
+    logits = torch.tensor([2.0, -1.0, 0.0, 0.5])
+    params = SamplingParams(**change)
+    counts = draw(params, logits, n=50, previous=torch.tensor([0, 1, 2]))
+    assert sum(counts.values()) == 50 and set(counts) <= {0, 1, 2, 3}
+
+
 def test_same_seed_same_sample_and_another_seed_differs() -> None:
     logits = torch.randn(50257, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0)

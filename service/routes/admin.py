@@ -7,10 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from service.auth import require_admin
+from service.errors import error_responses
 from service.reloader import Reloader, reloader_of
 from service.schemas import ReloadReport
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403),
+)
 
 
 @router.post("/reload")

@@ -18,7 +18,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.auth import require_api_key, settings_of
 from service.engine import Engine, Generation, engine_of
-from service.errors import ApiError, error_body
+from service.errors import ApiError, error_body, error_responses
+from service.limits import require_json
 from service.reloader import Reloader
 from service.schemas import GenerateRequest, GenerateResponse, Piece
 
@@ -41,9 +42,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 @router.post(
     "/generate",
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_api_key), Depends(require_json)],
     response_model=GenerateResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"},
+        **error_responses(400, 401, 408, 413, 415, 422, 429, 503, 504),
+    },
 )
 async def generate(
     body: GenerateRequest, request: Request, engine: Annotated[Engine, Depends(engine_of)]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine import Engine, engine_of, no_model_message
-from service.errors import ApiError
+from service.errors import ApiError, error_responses
 from service.schemas import Readiness
 
 router = APIRouter(tags=["health"])
@@ -19,7 +19,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "no model loaded yet"}})
+@router.get("/ready", responses=error_responses(503))
 async def ready(engine: Annotated[Engine, Depends(engine_of)]) -> Readiness:
     loaded = engine.model
     if loaded is None:
@@ -27,6 +27,10 @@ async def ready(engine: Annotated[Engine, Depends(engine_of)]) -> Readiness:
     return Readiness(model=loaded.version, step=loaded.meta.step)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from model.generate import FinishReason
 from service.auth import require_api_key, settings_of
 from service.engine import Engine, Generation, engine_of
-from service.errors import ApiError, error_body
+from service.errors import ApiError, error_body, error_responses
+from service.limits import require_json
 from service.schemas import (
     Completion,
     CompletionChoice,
@@ -30,7 +31,12 @@ from service.schemas import (
     Piece,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401),
+)
 
 
 def openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
@@ -51,7 +57,11 @@ async def models(engine: Annotated[Engine, Depends(engine_of)]) -> ModelList:
 @router.post(
     "/completions",
     response_model=Completion,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"}},
+    dependencies=[Depends(require_json)],
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"},
+        **error_responses(400, 408, 413, 415, 422, 429, 503, 504),
+    },
 )
 async def completions(
     body: CompletionRequest, request: Request, engine: Annotated[Engine, Depends(engine_of)]

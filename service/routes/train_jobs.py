@@ -45,7 +45,8 @@ from contract.jobs import (
 )
 from contract.settings import Settings
 from service.auth import require_api_key, settings_of
-from service.errors import ApiError
+from service.errors import ApiError, error_responses
+from service.limits import require_json
 
 SOCKET_TIMEOUT_S = 2.0
 INDEX_KEY = "slm:train-jobs:{queue}:index"  # sorted set: job id → creation time
@@ -56,7 +57,10 @@ RESUMABLE_STATES = frozenset({"failed", "abandoned", "stopped"})
 _WORKER_LOST = ("AbandonedJobError", "Work-horse terminated unexpectedly")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
-router = APIRouter(prefix="/train-jobs", tags=["train jobs"])
+# Every route may answer: no key (401), Redis down or unset (503), a bad parameter (422).
+router = APIRouter(
+    prefix="/train-jobs", tags=["train jobs"], responses=error_responses(401, 422, 503)
+)
 Authorized = [Depends(require_api_key)]
 
 
@@ -383,7 +387,13 @@ def _location(job: Job) -> str:
     return f"{router.prefix}/{job.id}"
 
 
-@router.post("", status_code=202, response_model=TrainJob, dependencies=Authorized)
+@router.post(
+    "",
+    status_code=202,
+    response_model=TrainJob,
+    dependencies=[*Authorized, Depends(require_json)],
+    responses=error_responses(400, 408, 409, 413, 415),
+)
 @redis_errors_are_503
 def create_train_job(spec: TrainJobSpec, jobs: Jobs, response: Response) -> TrainJob:
     """Queue a training job; 409 if an active job already trains this run_name."""
@@ -403,14 +413,24 @@ def list_train_jobs(
     return jobs.page(limit, offset)
 
 
-@router.get("/{job_id}", response_model=TrainJob, dependencies=Authorized)
+@router.get(
+    "/{job_id}", response_model=TrainJob, dependencies=Authorized, responses=error_responses(404)
+)
 @redis_errors_are_503
 def get_train_job(job_id: str, jobs: Jobs) -> TrainJob:
     """Status, progress and loss history."""
     return jobs.detail(jobs.fetch(job_id))
 
 
-@router.delete("/{job_id}", response_model=TrainJobStatus, dependencies=Authorized)
+@router.delete(
+    "/{job_id}",
+    response_model=TrainJobStatus,
+    dependencies=Authorized,
+    responses={
+        202: {"model": TrainJobStatus, "description": "stop requested from a running job"},
+        **error_responses(404, 409),
+    },
+)
 @redis_errors_are_503
 def delete_train_job(job_id: str, jobs: Jobs, response: Response) -> TrainJobStatus:
     """Cancel a queued job (200, cancelled), or ask a running one to stop (202): it saves a
@@ -422,7 +442,13 @@ def delete_train_job(job_id: str, jobs: Jobs, response: Response) -> TrainJobSta
     return jobs.status(jobs.fetch(job_id))
 
 
-@router.post("/{job_id}/resume", status_code=202, response_model=TrainJob, dependencies=Authorized)
+@router.post(
+    "/{job_id}/resume",
+    status_code=202,
+    response_model=TrainJob,
+    dependencies=Authorized,
+    responses=error_responses(404, 409),
+)
 @redis_errors_are_503
 def resume_train_job(job_id: str, jobs: Jobs, response: Response) -> TrainJob:
     """Queue a failed, abandoned or stopped job again; it continues from its last checkpoint."""
