@@ -1,0 +1,40 @@
+"""Settings from the environment: what an operator's typos and empty variables turn into."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from contract.settings import Settings
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `API_KEY=` in a compose file or .env must not become a key no client can present.
+    monkeypatch.setenv("API_KEY", "")
+    monkeypatch.setenv("REDIS_URL", "")
+    settings = Settings()
+    assert settings.api_key is None and settings.redis_url is None
+
+
+def test_variables_are_read_by_their_upper_case_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEY", "s3cret")
+    monkeypatch.setenv("MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("CHECKPOINT_DIR", "/srv/runs")
+    settings = Settings()
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert settings.max_batch_size == 8 and str(settings.checkpoint_dir) == "/srv/runs"
+
+
+def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_BATCH_SIZE", "lots")
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        Settings()
+
+
+def test_a_heartbeat_slower_than_the_abandon_bound_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JOB_HEARTBEAT_S", "30")
+    monkeypatch.setenv("JOB_ABANDONED_AFTER_S", "20")
+    with pytest.raises(ValidationError, match="must exceed JOB_HEARTBEAT_S"):
+        Settings()
