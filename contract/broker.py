@@ -59,7 +59,8 @@ def default_state_dir(settings: Settings) -> Path:
     return settings.checkpoint_dir.resolve().parent / STATE_FOLDER / "redis"
 
 
-def _answers(url: str) -> bool:
+def redis_answers(url: str) -> bool:
+    """Whether a Redis at ``url`` answers PING within half a second."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         with client:
@@ -68,7 +69,8 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -82,7 +84,7 @@ def _url_of_running(state_dir: Path) -> str:
             url = json.loads((state_dir / _URL_FILE).read_text())["url"]
         except (OSError, ValueError, KeyError):
             url = None
-        if url is not None and _answers(url):
+        if url is not None and redis_answers(url):
             return url
         time.sleep(0.05)
     raise BrokerError(
@@ -105,7 +107,7 @@ def embedded_redis(state_dir: Path) -> Iterator[str]:
         except BlockingIOError:
             yield _url_of_running(state_dir)
             return
-        password, port = secrets.token_hex(16), _free_port()
+        password, port = secrets.token_hex(16), free_port()
         # The password keeps other local users off a server that only binds 127.0.0.1.
         config = (
             f"port {port}\nbind 127.0.0.1\nrequirepass {password}\ndir {state_dir}\n"
@@ -124,7 +126,7 @@ def embedded_redis(state_dir: Path) -> Iterator[str]:
             )
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
-            while not _answers(url):
+            while not redis_answers(url):
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise BrokerError(
                         f"the embedded Redis did not start; see {state_dir / 'redis.log'}"

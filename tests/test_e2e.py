@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import REPO, free_port, wait_for
+from servers import REPO, free_port, metric, sse_events, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 JOB = {
@@ -111,18 +111,13 @@ def stream_story(base_url: str, **request) -> tuple[str, dict]:
     body = {"prompt": "Once upon a time", "stream": True, **request}
     with httpx.stream("POST", base_url + "/generate", json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.removeprefix("event:").strip()
-            elif line.startswith("data:"):
-                data = json.loads(line.removeprefix("data:"))
-                if event == "token":
-                    pieces.append(data["text"])
-                elif event == "done":
-                    final = data
-                elif event == "error":
-                    raise AssertionError(f"the stream failed: {data}")
+        for event, data in sse_events(response):
+            if event == "token":
+                pieces.append(json.loads(data)["text"])
+            elif event == "done":
+                final = json.loads(data)
+            elif event == "error":
+                raise AssertionError(f"the stream failed: {data}")
     assert final is not None, "the stream ended without its final event"
     return "".join(pieces), final
 
@@ -136,14 +131,6 @@ def job_status(client: httpx.Client, job_id: str) -> dict:
 def ready_version(client: httpx.Client) -> str | None:
     response = client.get("/ready")
     return response.json()["model"] if response.status_code == 200 else None
-
-
-def metric(text: str, name: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
 
 
 def test_train_job_to_streamed_story_with_hot_reload(stack: Stack) -> None:

@@ -17,14 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from servers import REPO, ApiServer, api_server, free_port, sse_events, wait_for, write_checkpoint
+from servers import (
+    REPO,
+    ApiServer,
+    api_server,
+    free_port,
+    redis_process,
+    sse_events,
+    wait_for,
+    write_checkpoint,
+)
 
 from contract.jobs import CHECKPOINT_CHANNEL, CheckpointAnnouncement
 from model.checkpoint import MANIFEST, load_checkpoint
@@ -74,34 +80,6 @@ class Streams:
         self._thread.join(60)
 
 
-@contextmanager
-def private_redis(port: int, workdir: Path) -> Iterator[subprocess.Popen]:
-    """A redis-server of this test's own on ``port`` (never the shared 6379): the test kills it."""
-    assert REDIS_SERVER is not None
-    process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        wait_for(lambda: _pings(url) or process.poll() is not None, 10, "redis-server")
-        assert process.poll() is None, "redis-server exited at start"
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        with redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 def serving(server: ApiServer) -> str | None:
     with server.client(timeout=5) as client:
         ready = client.get("/ready")
@@ -132,15 +110,15 @@ def test_redis_killed_and_restarted_generation_never_stops_and_jobs_recover(tmp_
         return status, time.monotonic() - started
 
     with (
-        private_redis(port, tmp_path) as redis_process,
+        redis_process(port, tmp_path, REDIS_SERVER) as private_redis,
         api_server(env, tmp_path, ready_path="/ready") as server,
         server.client(headers=AUTH, timeout=10) as client,
     ):
         assert client.get("/train-jobs").status_code == 200
         wait_for(subscribed, 10, "the reloader to subscribe")
         with Streams(server.base_url) as streams:
-            redis_process.kill()
-            redis_process.wait(10)
+            private_redis.kill()
+            private_redis.wait(10)
             down_answers = [jobs_status(client) for _ in range(5)]
             assert all(status == 503 for status, _ in down_answers), down_answers
             assert max(seconds for _, seconds in down_answers) < 3, down_answers
@@ -150,7 +128,7 @@ def test_redis_killed_and_restarted_generation_never_stops_and_jobs_recover(tmp_
             during = streams.done
             wait_for(lambda: streams.done >= during + 3, 30, "stories while Redis is down")
 
-            with private_redis(port, tmp_path):  # the same port: the configured URL
+            with redis_process(port, tmp_path, REDIS_SERVER):  # the same port: the configured URL
                 wait_for(lambda: jobs_status(client)[0] == 200, 10, "/train-jobs to recover")
                 wait_for(subscribed, 20, "the reloader to subscribe again")
                 version = write_checkpoint(root / "run-b", seed=1)

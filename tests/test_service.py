@@ -8,7 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import ApiServer, api_server, free_port, sse_events, wait_for, write_checkpoint
+from servers import (
+    ApiServer,
+    api_server,
+    free_port,
+    metric,
+    sse_events,
+    wait_for,
+    write_checkpoint,
+)
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,15 +55,12 @@ def stream(client: httpx.Client, body: dict[str, Any]) -> tuple[list[dict], dict
 
 
 def running_requests(client: httpx.Client) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("slm_running_requests "):
-            return float(line.split()[1])
-    raise AssertionError("slm_running_requests is missing from /metrics")
+    return metric(client.get("/metrics").text, "slm_running_requests")
 
 
-def metric(client: httpx.Client, sample: str) -> float:
-    lines = client.get("/metrics").text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith(sample + " ")), 0.0)
+def cancelled_generations(client: httpx.Client) -> float:
+    sample = 'slm_generations_total{reason="cancelled"}'
+    return metric(client.get("/metrics").text, sample, missing=0.0)
 
 
 def test_health_and_ready_answer_with_the_loaded_version(server) -> None:
@@ -109,7 +114,7 @@ def test_sixteen_concurrent_streams_match_the_same_requests_run_one_by_one(serve
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server) -> None:
     with server.client() as client:
-        cancelled = metric(client, 'slm_generations_total{reason="cancelled"}')
+        cancelled = cancelled_generations(client)
         body = {"prompt": PROMPTS[1], "max_new_tokens": 1024, "temperature": 0}
         with client.stream("POST", "/generate", json=body, headers=AUTH) as response:
             events = sse_events(response)
@@ -117,8 +122,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server) -> None:
         # The server notices the disconnect, the engine drops the sequence at its next step.
         wait_for(
             lambda: (
-                metric(client, 'slm_generations_total{reason="cancelled"}') == cancelled + 1
-                and running_requests(client) == 0
+                cancelled_generations(client) == cancelled + 1 and running_requests(client) == 0
             ),
             10,
             "the slot to be freed",

@@ -68,11 +68,8 @@ def step(number: int, max_steps: int) -> Progress:
     )
 
 
-def test_a_long_history_is_thinned_keeping_its_start(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    spec = TrainJobSpec.model_validate(
-        {"run_name": "long-run", "data": {"dataset": "stories"}, "train": {"eval_interval": 500}}
-    )
+def saved_job(connection: redis.Redis, spec: TrainJobSpec) -> Job:
+    """A job as the API stores it (JSON-serialized spec), for a ProgressReport to write to."""
     job = Job.create(
         JOB_FUNCTION,
         args=(spec.model_dump_json(),),
@@ -81,6 +78,15 @@ def test_a_long_history_is_thinned_keeping_its_start(redis_url):
         id=uuid.uuid4().hex,
     )
     job.save()
+    return job
+
+
+def test_a_long_history_is_thinned_keeping_its_start(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    spec = TrainJobSpec.model_validate(
+        {"run_name": "long-run", "data": {"dataset": "stories"}, "train": {"eval_interval": 500}}
+    )
+    job = saved_job(connection, spec)
     report = ProgressReport(job, spec)
     for number in range(1, 5001):
         report.on_progress(step(number, 5000))
@@ -99,14 +105,7 @@ def test_a_long_history_is_thinned_keeping_its_start(redis_url):
 def test_resumed_progress_drops_the_steps_after_the_checkpoint(redis_url):
     connection = redis.Redis.from_url(redis_url)
     spec = TrainJobSpec.model_validate({"run_name": "again-run", "data": {"dataset": "stories"}})
-    job = Job.create(
-        JOB_FUNCTION,
-        args=(spec.model_dump_json(),),
-        connection=connection,
-        serializer=JSONSerializer,
-        id=uuid.uuid4().hex,
-    )
-    job.save()
+    job = saved_job(connection, spec)
     first = ProgressReport(job, spec)
     for number in range(1, 26):
         first.on_progress(step(number, 100))
