@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from serve import start_service  # bench/serve.py: the same `slm serve` start-up
+
+from contract.broker import free_port
 
 PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun was", "Lily and her mom", ""]
 
@@ -52,49 +53,11 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def write_model(root: Path, preset_name: str) -> None:
     from model import GPT, preset
     from model.checkpoint import save_checkpoint
 
     save_checkpoint(root / "load", GPT(preset(preset_name)).eval(), step=0)
-
-
-def start_service(root: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    slm = shutil.which("slm") or sys.exit("the `slm` command is not installed (pip install -e .)")
-    env = {
-        **os.environ,
-        "CHECKPOINT_DIR": str(root),
-        "MAX_BATCH_SIZE": str(args.max_batch),
-        "MAX_WAITING": str(args.max_waiting),
-        "MAX_NEW_TOKENS": str(args.new_tokens),
-    }
-    env.pop("REDIS_URL", None)  # generation only
-    env.pop("API_KEY", None)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [slm, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"`slm serve` exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    sys.exit(f"`slm serve` was not ready within 120 s:\n{log.read_text()}")
 
 
 async def one_request(
@@ -188,7 +151,14 @@ def main() -> None:
         write_model(root / "checkpoints", args.preset)
         port = free_port()
         log = root / "serve.log"
-        process = start_service(root / "checkpoints", port, args, log)
+        process = start_service(
+            root / "checkpoints",
+            port,
+            log,
+            MAX_BATCH_SIZE=str(args.max_batch),
+            MAX_WAITING=str(args.max_waiting),
+            MAX_NEW_TOKENS=str(args.new_tokens),
+        )
         try:
             base_url = f"http://127.0.0.1:{port}"
             tally, elapsed = asyncio.run(run(base_url, process.pid, args))

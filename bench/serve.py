@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from contract.broker import free_port
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -123,21 +124,14 @@ async def run_level(base_url: str, clients: int, requests: int, new_tokens: int)
     }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_service(checkpoints: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
+    """`slm serve` on ``port`` over ``checkpoints``, with ``settings`` as its environment
+    variables (MAX_BATCH_SIZE="64"...), once /ready answers. No Redis and no API key: the
+    benchmarks measure generation only."""
     slm = shutil.which("slm") or sys.exit("the `slm` command is not installed (pip install -e .)")
-    env = {
-        **os.environ,
-        "CHECKPOINT_DIR": str(checkpoints),
-        "MAX_BATCH_SIZE": str(max_batch),
-        "MAX_WAITING": "1024",
-    }
-    env.pop("REDIS_URL", None)  # the benchmark measures generation only
+    env = {**os.environ, "CHECKPOINT_DIR": str(checkpoints), **settings}
+    env.pop("REDIS_URL", None)
+    env.pop("API_KEY", None)
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [slm, "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -212,7 +206,13 @@ def main() -> None:
         )
         hf_rate = hf_batch(checkpoints, args.hf_batch, args.new_tokens, args.hf_repeats)
         port = free_port()
-        service = start_service(checkpoints, port, args.max_batch, Path(folder) / "serve.log")
+        service = start_service(
+            checkpoints,
+            port,
+            Path(folder) / "serve.log",
+            MAX_BATCH_SIZE=str(args.max_batch),
+            MAX_WAITING="1024",
+        )
         try:
             base_url = f"http://127.0.0.1:{port}"
             asyncio.run(run_level(base_url, 1, 1, 8))  # warm-up
