@@ -34,6 +34,12 @@ CHECKPOINT_CHANNEL = "slm:checkpoints"
 LATEST_CHECKPOINT_KEY = "slm:checkpoints:latest"
 
 
+def checkpoint_version(run: str, name: str) -> str:
+    """How the service, the job progress and users name a checkpoint: ``<run>/<name>``, unique
+    under CHECKPOINT_DIR (the run folder, then the checkpoint in it)."""
+    return f"{run}/{name}"
+
+
 def stop_key(job_id: str) -> str:
     """Set by the API to ask a running job to stop; read by the job after every step."""
     return f"slm:train-jobs:{job_id}:stop"
@@ -163,3 +169,7 @@ class CheckpointAnnouncement(BaseModel):
     val_loss: float | None = None
     job_id: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def version(self) -> str:
+        return checkpoint_version(self.run, self.name)

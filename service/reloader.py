@@ -27,7 +27,12 @@ from fastapi import Request
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from contract.jobs import CHECKPOINT_CHANNEL, LATEST_CHECKPOINT_KEY, CheckpointAnnouncement
+from contract.jobs import (
+    CHECKPOINT_CHANNEL,
+    LATEST_CHECKPOINT_KEY,
+    CheckpointAnnouncement,
+    checkpoint_version,
+)
 from contract.settings import Settings
 from model.checkpoint import CheckpointError, load_checkpoint, newest_checkpoint
 from model.device import pick_device
@@ -43,7 +48,7 @@ REDIS_RETRY_S = (0.5, 1, 2, 5, 10)  # reconnect back-off while Redis is unreacha
 
 def version_of(meta_path: Path) -> str:
     """``<run>/<checkpoint name>``: how users, metrics and announcements name a checkpoint."""
-    return f"{meta_path.parent.name}/{meta_path.stem}"
+    return checkpoint_version(meta_path.parent.name, meta_path.stem)
 
 
 def reloader_of(request: Request) -> Reloader:
@@ -186,5 +191,5 @@ class Reloader:
             log.warning("ignoring a malformed checkpoint announcement: %s", error)
             return
         serving = self.engine.model
-        if serving is None or serving.version != f"{announcement.run}/{announcement.name}":
-            await self._check_safely(f"announced {announcement.run}/{announcement.name}")
+        if serving is None or serving.version != announcement.version:
+            await self._check_safely(f"announced {announcement.version}")

@@ -248,6 +248,13 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(args.host, args.port, args.log_level)
 
 
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Where the API listens, for `slm serve` and `slm up` alike."""
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, so `slm train --help` lists every setting; unset
     options stay None and TrainConfig's own defaults apply."""
@@ -404,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(CHECKPOINT_DIR, API_KEY, MAX_BATCH_SIZE, REDIS_URL...); new checkpoints are picked up "
         "while it runs.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    _add_server_options(serve)
     serve.set_defaults(handler=_serve)
 
     up = commands.add_parser(
@@ -415,9 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start Redis (REDIS_URL's, or an embedded one), one `slm worker` and "
         "`slm serve`, with their logs side by side; Ctrl-C stops them all.",
     )
-    up.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    up.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    up.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    _add_server_options(up)
     up.set_defaults(handler=_up)
     return parser
 

@@ -39,6 +39,7 @@ from contract.jobs import (
     JobState,
     LossPoint,
     TrainJobSpec,
+    checkpoint_version,
     stop_key,
 )
 from contract.settings import Settings
@@ -128,7 +129,7 @@ class ProgressReport:
         self.update(history=history, history_every=every)
 
     def on_checkpoint(self, name: str) -> None:
-        self.update(last_checkpoint=f"{self.spec.run_name}/{name}")
+        self.update(last_checkpoint=checkpoint_version(self.spec.run_name, name))
         self.save()
 
 
@@ -284,5 +285,5 @@ def train_job(spec_json: str) -> dict[str, Any]:
         "step": result.step,
         "max_steps": result.max_steps,
         "best_val_loss": result.best_val_loss,
-        "last_checkpoint": f"{spec.run_name}/{checkpoint}" if checkpoint else None,
+        "last_checkpoint": checkpoint_version(spec.run_name, checkpoint) if checkpoint else None,
     }
