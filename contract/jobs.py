@@ -125,9 +125,6 @@ JobState = Literal[
     "cancelled",  # removed from the queue before it started
     "abandoned",  # its worker died mid-job; resume continues from the last checkpoint
 ]
-FINAL_STATES: frozenset[str] = frozenset(
-    {"finished", "stopped", "failed", "cancelled", "abandoned"}
-)
 
 
 class LossPoint(BaseModel):
