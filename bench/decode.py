@@ -6,11 +6,14 @@ as f32 and q8_0) on identical weights, in one run, with ratios.
     python bench/decode.py --device cuda --dtype bfloat16
     python bench/decode.py --checkpoint checkpoints/run   # trained weights (int8 loss cost)
 
-Greedy decoding of 200 new tokens after a 10-token prompt; medians over --repeats runs, the
-contenders interleaved so machine noise hits them alike. Not a test: speed is measured here,
-never asserted in the test suite. llama.cpp runs on the CPU with torch's thread count, a window
-of the block size per sequence, and decodes all the new tokens whatever they are (end-of-text
+200 new tokens after a 10-token prompt, greedy and sampled (temperature 0.8 after top-k 40,
+top-p 0.95 and min-p 0.05, llama-server's default chain, a distinct seed per sequence); medians
+over --repeats runs, the contenders interleaved so machine noise hits them alike. Not a test:
+speed is measured here, never asserted in the test suite. llama.cpp runs on the CPU with
+torch's thread count, a window of the block size per sequence, a sampler chain per sequence as
+llama-server keeps one per slot, and decodes all the new tokens whatever they are (end-of-text
 included); the table sets our fp32 path against its f32 file, our int8 path against its q8_0.
+Hugging Face runs greedy only: its sampling draws from one generator for the whole batch.
 """
 
 from __future__ import annotations
@@ -41,19 +44,41 @@ from model.sampling import SamplingParams
 VALID_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-valid.txt"
 
 
-def our_greedy(
-    generator: BatchGenerator, prompts: list[list[int]], new_tokens: int
+# The sampled workload: llama-server's default filters, spelled out for both sides.
+TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
+MODES = ("greedy", "sampled")
+
+
+def our_params(mode: str, new_tokens: int, seed: int) -> SamplingParams:
+    if mode == "greedy":
+        return SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    return SamplingParams(
+        max_new_tokens=new_tokens,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        top_p=TOP_P,
+        min_p=MIN_P,
+        seed=seed,
+    )
+
+
+def our_continuations(
+    generator: BatchGenerator, prompts: list[list[int]], new_tokens: int, mode: str = "greedy"
 ) -> list[list[int]]:
-    """The greedy continuations of ``prompts``, decoded together."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    sequences = [generator.add(prompt, params)[0] for prompt in prompts]
+    """The continuations of ``prompts``, decoded together (sequence i sampled with seed i)."""
+    sequences = [
+        generator.add(prompt, our_params(mode, new_tokens, seed))
+        for seed, prompt in enumerate(prompts)
+    ]
     while generator.rows:
         generator.step()
     return [s.generated for s in sequences]
 
 
-def our_decode(generator: BatchGenerator, prompts: list[list[int]], new_tokens: int) -> int:
-    return sum(map(len, our_greedy(generator, prompts, new_tokens)))
+def our_decode(
+    generator: BatchGenerator, prompts: list[list[int]], new_tokens: int, mode: str
+) -> int:
+    return sum(map(len, our_continuations(generator, prompts, new_tokens, mode)))
 
 
 def hf_decode(hf_model, prompts: list[list[int]], new_tokens: int) -> int:
@@ -100,26 +125,59 @@ class LlamaCppDecoder:
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._vocab_size = llama_cpp.llama_vocab_n_tokens(vocab)
 
-    def greedy(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        """``new_tokens`` greedy tokens after each prompt; all prompts are prefilled at once."""
+    def continuations(
+        self, prompts: list[list[int]], new_tokens: int, mode: str = "greedy"
+    ) -> list[list[int]]:
+        """``new_tokens`` tokens after each prompt; all prompts are prefilled at once."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._context), True)
+        samplers = [self._sampler_chain(seed) for seed in range(len(prompts))]
+        pick = self._argmax if mode == "greedy" else functools.partial(self._sample, samplers)
         tokens = [list(prompt) for prompt in prompts]
         batch = [
             (token, position, seq, position == len(prompt) - 1)
             for seq, prompt in enumerate(prompts)
             for position, token in enumerate(prompt)
         ]
-        for _ in range(new_tokens):
-            for sequence, token in zip(tokens, self._decode(batch), strict=True):
-                sequence.append(token)
-            batch = [(s[-1], len(s) - 1, seq, True) for seq, s in enumerate(tokens)]
+        try:
+            for _ in range(new_tokens):
+                self._run(batch)
+                for sequence, token in zip(tokens, pick(len(prompts)), strict=True):
+                    sequence.append(token)
+                batch = [(s[-1], len(s) - 1, seq, True) for seq, s in enumerate(tokens)]
+        finally:
+            for sampler in samplers:
+                self._lib.llama_sampler_free(sampler)
         return [s[len(prompt) :] for s, prompt in zip(tokens, prompts, strict=True)]
 
-    def decode(self, prompts: list[list[int]], new_tokens: int) -> int:
-        return sum(map(len, self.greedy(prompts, new_tokens)))
+    def decode(self, prompts: list[list[int]], new_tokens: int, mode: str) -> int:
+        return sum(map(len, self.continuations(prompts, new_tokens, mode)))
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
-        """Run (token, position, sequence, wants logits) entries; the argmax of each output."""
+    def _sampler_chain(self, seed: int):
+        """llama-server's default order: top-k, top-p, min-p, temperature, then the draw."""
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        for sampler in (
+            lib.llama_sampler_init_top_k(TOP_K),
+            lib.llama_sampler_init_top_p(TOP_P, 1),
+            lib.llama_sampler_init_min_p(MIN_P, 1),
+            lib.llama_sampler_init_temp(TEMPERATURE),
+            lib.llama_sampler_init_dist(seed),
+        ):
+            lib.llama_sampler_chain_add(chain, sampler)
+        return chain
+
+    def _sample(self, samplers: list, outputs: int) -> list[int]:
+        return [
+            self._lib.llama_sampler_sample(sampler, self._context, i)
+            for i, sampler in enumerate(samplers[:outputs])
+        ]
+
+    def _argmax(self, outputs: int) -> list[int]:
+        logits = self._lib.llama_get_logits(self._context)  # outputs in batch order
+        return np.ctypeslib.as_array(logits, (outputs, self._vocab_size)).argmax(1).tolist()
+
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """Run (token, position, sequence, wants logits) entries."""
         batch = self._batch
         batch.n_tokens = len(entries)
         for i, (token, position, seq, wants_logits) in enumerate(entries):
@@ -130,9 +188,6 @@ class LlamaCppDecoder:
             batch.logits[i] = wants_logits
         if (status := self._lib.llama_decode(self._context, batch)) != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        outputs = sum(wants_logits for *_, wants_logits in entries)
-        logits = self._lib.llama_get_logits(self._context)  # outputs in batch order
-        return np.ctypeslib.as_array(logits, (outputs, self._vocab_size)).argmax(1).tolist()
 
     def close(self) -> None:
         self._lib.llama_batch_free(self._batch)
@@ -272,42 +327,40 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     prompts = torch.randint(
         0, 50000, (args.batch, args.prompt_tokens), generator=generator
     ).tolist()
-    one, many = prompts[:1], prompts
     new = args.new_tokens
 
-    cached_1 = BatchGenerator(model, max_batch=1)
-    cached_n = BatchGenerator(model, max_batch=args.batch)
-    contenders: dict[str, Callable[[], int]] = {
-        "ours, KV cache, batch 1": lambda: our_decode(cached_1, one, new),
-        "HF generate, batch 1": lambda: hf_decode(hf_model, one, new),
-        f"ours, KV cache, batch {args.batch}": lambda: our_decode(cached_n, many, new),
-        f"HF generate, batch {args.batch}": lambda: hf_decode(hf_model, many, new),
+    batch_n = args.batch
+    ours = {
+        ("ours", 1): BatchGenerator(model, max_batch=1),
+        ("ours", batch_n): BatchGenerator(model, max_batch=batch_n),
     }
-    if not args.skip_uncached:
-        uncached = BatchGenerator(model, max_batch=1, use_cache=False)
-        contenders["ours, no cache, batch 1"] = lambda: our_decode(uncached, one, new)
     int8_model = None
     if args.device == "cpu" and args.dtype == "float32":
-        int8_1 = BatchGenerator(model, max_batch=1, quantization="int8")
-        int8_n = BatchGenerator(model, max_batch=args.batch, quantization="int8")
-        int8_model = int8_1.model
-        contenders["ours int8, KV cache, batch 1"] = lambda: our_decode(int8_1, one, new)
-        contenders[f"ours int8, KV cache, batch {args.batch}"] = lambda: our_decode(
-            int8_n, many, new
+        ours["ours int8", 1] = BatchGenerator(model, max_batch=1, quantization="int8")
+        ours["ours int8", batch_n] = BatchGenerator(model, max_batch=batch_n, quantization="int8")
+        int8_model = ours["ours int8", 1].model
+    contenders: dict[str, Callable[[], int]] = {}
+    llama_peers: dict[str, tuple[str, str]] = {}  # ours → (the llama.cpp contender, file type)
+    for mode in MODES:
+        for (kind, batch), generator in ours.items():
+            name = f"{kind}, batch {batch}, {mode}"
+            contenders[name] = functools.partial(our_decode, generator, prompts[:batch], new, mode)
+            file_type = "f32" if kind == "ours" else "q8_0"
+            if (file_type, batch) in llama_decoders:
+                llama_peers[name] = (f"llama.cpp {file_type}, batch {batch}, {mode}", file_type)
+        for (file_type, batch), decoder in llama_decoders.items():
+            contenders[f"llama.cpp {file_type}, batch {batch}, {mode}"] = functools.partial(
+                decoder.decode, prompts[:batch], new, mode
+            )
+    for batch in batches:
+        contenders[f"HF generate, batch {batch}, greedy"] = functools.partial(
+            hf_decode, hf_model, prompts[:batch], new
         )
-    llama_runs = {  # name → (decoder, its prompts)
-        f"llama.cpp {file_type}, batch {batch}": (decoder, prompts[:batch])
-        for (file_type, batch), decoder in llama_decoders.items()
-    }
-    for name, (decoder, batch_prompts) in llama_runs.items():
-        contenders[name] = functools.partial(decoder.decode, batch_prompts, new)
-    llama_peers = {  # our contender → (the llama.cpp one it is set against, its file type)
-        f"{'ours' if file_type == 'f32' else 'ours int8'}, KV cache, batch {batch}": (
-            f"llama.cpp {file_type}, batch {batch}",
-            file_type,
+    if not args.skip_uncached:
+        uncached = BatchGenerator(model, max_batch=1, use_cache=False)
+        contenders["ours, no cache, batch 1, greedy"] = functools.partial(
+            our_decode, uncached, prompts[:1], new, "greedy"
         )
-        for file_type, batch in llama_decoders
-    }
 
     for run in contenders.values():  # warm-up: allocator, kernels, caches
         run()
@@ -317,36 +370,40 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             rates[name].append(timed(run, args.device))
     medians = {name: statistics.median(values) for name, values in rates.items()}
 
-    hf_1 = medians["HF generate, batch 1"]
-    hf_n = medians[f"HF generate, batch {args.batch}"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
     print(
         f"device {args.device}, {args.dtype}, block {model.config.block_size}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters, prompt {args.prompt_tokens}, "
-        f"{new} new tokens, greedy, median of {args.repeats}"
+        f"{new} new tokens, median of {args.repeats}; sampled = temperature {TEMPERATURE}, "
+        f"top-k {TOP_K}, top-p {TOP_P}, min-p {MIN_P}, seed per sequence"
     )
     print(llama_line)
     llama_column = f"  {'vs llama.cpp':>12}" if llama_peers else ""
-    print(f"{'contender':40} {'tok/s':>9} {'vs HF':>7}{llama_column}")
+    print(f"{'contender':44} {'tok/s':>9} {'vs HF':>7}{llama_column}")
     for name, rate in medians.items():
-        peer = hf_n if name.endswith(f"batch {args.batch}") else hf_1
-        line = f"{name:40} {rate:9.1f} {rate / peer:6.2f}x"
+        batch = int(name.split("batch ")[1].split(",")[0])
+        line = f"{name:44} {rate:9.1f}"
+        hf_rate = medians[f"HF generate, batch {batch}, greedy"]
+        line += f" {rate / hf_rate:6.2f}x" if name.endswith("greedy") else " " * 8
         if name in llama_peers:
             llama_name, llama_type = llama_peers[name]
             line += f"  {rate / medians[llama_name]:6.2f}x {llama_type}"
         print(line)
     figures: dict[str, object] = {"tokens_per_second": medians, "runs": rates}
-    if llama_runs:  # a sanity check: the same weights should mostly pick the same tokens
-        ours = {1: our_greedy(cached_1, one, new), args.batch: our_greedy(cached_n, many, new)}
+    if llama_decoders:  # a sanity check: the same weights should mostly pick the same tokens
         agreement = {
-            name: min(
-                map(leading_matches, ours[len(batch_prompts)], decoder.greedy(batch_prompts, new))
+            f"{file_type}, batch {batch}": min(
+                map(
+                    leading_matches,
+                    our_continuations(ours["ours", batch], prompts[:batch], new),
+                    decoder.continuations(prompts[:batch], new),
+                )
             )
-            for name, (decoder, batch_prompts) in llama_runs.items()
+            for (file_type, batch), decoder in llama_decoders.items()
         }
         print(
             f"greedy tokens equal to ours before the first difference (worst sequence, of {new}): "
-            + "; ".join(f"{name.removeprefix('llama.cpp ')}: {n}" for name, n in agreement.items())
+            + "; ".join(f"{name}: {n}" for name, n in agreement.items())
         )
         figures["llama_cpp_leading_matches"] = agreement
     if int8_model is not None:

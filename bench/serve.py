@@ -1,16 +1,22 @@
-"""Serving throughput and latency: 1, 4, 16 and 64 concurrent clients streaming /v1/completions
-from `slm serve`, and, in the same run on identical weights, Hugging Face transformers' offline
-batched ``generate`` at batch 16.
+"""Serving throughput and latency against llama.cpp's ``llama-server`` on identical weights, in
+one run: N concurrent clients each stream ``/v1/completions`` from our `slm serve` and from
+llama-server serving our own GGUF export (f32) of the same checkpoint, greedy and sampled.
 
     python bench/serve.py                       # the seed preset at block 512, random weights
-    python bench/serve.py --clients 1 16 --new-tokens 64 --json out.json
+    LLAMA_SERVER=/tmp/llama.cpp/bin/llama-server python bench/serve.py --json out.json
+    python bench/serve.py --clients 1 16 --repeats 1 --new-tokens 64   # a quick look
 
-Each client sends ``--requests`` streaming requests one after another (greedy, 128 new tokens by
-default; random weights almost never write end-of-text, so every stream runs its full length).
-Per level: aggregate
-generated tokens per second over the level's wall time, time to first token and inter-token
-latency percentiles measured by the client, and the number of failed requests. Not a test: speed
-is measured here, never asserted in the test suite.
+Both servers get the same client and the same request bodies: ``--requests`` streams per client,
+one after another, 128 new tokens after a short prompt, a distinct seed per request; sampled is
+temperature 0.8 after top-k 40, top-p 0.95 and min-p 0.05 (llama-server's defaults, spelled out
+so both sides do the same work), greedy is temperature 0. Levels are interleaved, ours then
+theirs, ``--repeats`` times; the tables print medians and our ratio. Then two latency checks:
+a burst of 64 arrivals at once (TTFT p50 and p99), and 16 running streams while a prompt of
+nearly the whole context arrives (inter-token gap p99 of the running streams). llama-server runs
+with one slot per stream of our batch (``-np``), the block size per slot and torch's thread
+count; without it (no LLAMA_SERVER and none on PATH) only our figures print. Random weights
+almost never write end-of-text, so streams run their full length. Not a test: speed is measured
+here, never asserted in the test suite.
 """
 
 from __future__ import annotations
@@ -34,7 +40,26 @@ import torch
 
 from contract.broker import free_port
 
-PROMPT = "Once upon a time, there was a little"
+PROMPT = "Once upon a time, there was a little girl who loved to"
+# Nearly a whole 512-token context: the prompt that arrives while streams are running.
+LONG_PROMPT = "Once upon a time there was a little girl named Lily who loved to play. " * 28
+TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
+MODES = ("sampled", "greedy")
+
+
+def request_body(mode: str, new_tokens: int, seed: int, prompt: str = PROMPT) -> dict:
+    """The same body for both servers."""
+    body = {
+        "model": "slm",
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if mode == "greedy":
+        return {**body, "temperature": 0}
+    return {**body, "temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P, "min_p": MIN_P}
 
 
 @dataclass
@@ -53,15 +78,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def one_stream(client: httpx.AsyncClient, new_tokens: int) -> Stream:
-    body = {
-        "model": "slm",
-        "prompt": PROMPT,
-        "max_tokens": new_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+async def one_stream(client: httpx.AsyncClient, body: dict) -> Stream:
     started = time.perf_counter()
     last = None
     result = Stream(ok=False)
@@ -95,26 +112,16 @@ async def one_stream(client: httpx.AsyncClient, new_tokens: int) -> Stream:
     return result
 
 
-async def run_level(base_url: str, clients: int, requests: int, new_tokens: int) -> dict:
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-
-        async def one_client() -> list[Stream]:
-            return [await one_stream(client, new_tokens) for _ in range(requests)]
-
-        started = time.perf_counter()
-        per_client = await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - started
-    streams = [stream for streams in per_client for stream in streams]
+def summary(streams: list[Stream], wall: float) -> dict:
     ttfts = [s.ttft_s for s in streams if s.ttft_s is not None]
     gaps = [gap for s in streams for gap in s.gaps_s]
     errors = [s.error for s in streams if not s.ok]
+    tokens = sum(s.tokens for s in streams if s.ok)
     return {
-        "clients": clients,
         "requests": len(streams),
-        "tokens": sum(s.tokens for s in streams if s.ok),
+        "tokens": tokens,
         "wall_s": wall,
-        "tokens_per_s": sum(s.tokens for s in streams if s.ok) / wall,
+        "tokens_per_s": tokens / wall,
         "ttft_p50_ms": 1000 * percentile(ttfts, 50) if ttfts else None,
         "ttft_p99_ms": 1000 * percentile(ttfts, 99) if ttfts else None,
         "itl_p50_ms": 1000 * percentile(gaps, 50) if gaps else None,
@@ -122,6 +129,50 @@ async def run_level(base_url: str, clients: int, requests: int, new_tokens: int)
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
     }
+
+
+def client_for(base_url: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections + 4)
+    return httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits)
+
+
+async def run_level(
+    base_url: str, clients: int, requests: int, new_tokens: int, mode: str, seed: int = 0
+) -> dict:
+    """``clients`` concurrent clients, each streaming ``requests`` stories in turn."""
+    async with client_for(base_url, clients) as client:
+
+        async def one_client(index: int) -> list[Stream]:
+            return [
+                await one_stream(
+                    client, request_body(mode, new_tokens, seed + index * requests + turn)
+                )
+                for turn in range(requests)
+            ]
+
+        started = time.perf_counter()
+        per_client = await asyncio.gather(*(one_client(i) for i in range(clients)))
+        wall = time.perf_counter() - started
+    return summary([stream for streams in per_client for stream in streams], wall)
+
+
+async def long_prompt_arrives(base_url: str, running: int, new_tokens: int) -> dict:
+    """``running`` sampled streams; once they stream, a prompt of nearly the whole context
+    arrives. Returns the running streams' inter-token gaps (p50, p99) and the long prompt's
+    time to first token."""
+    async with client_for(base_url, running + 1) as client:
+        streams = [
+            asyncio.create_task(one_stream(client, request_body("sampled", new_tokens, seed)))
+            for seed in range(running)
+        ]
+        await asyncio.sleep(1.0)
+        long = await one_stream(client, request_body("sampled", 16, 999, LONG_PROMPT))
+        started = time.perf_counter()
+        done = await asyncio.gather(*streams)
+    result = summary(done, time.perf_counter() - started)
+    result["long_prompt_ttft_ms"] = 1000 * long.ttft_s if long.ttft_s else None
+    result["long_prompt_error"] = long.error
+    return result
 
 
 def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
@@ -139,40 +190,65 @@ def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> s
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
+    wait_until_ready(process, f"http://127.0.0.1:{port}/ready", log, "`slm serve`")
+    return process
+
+
+def start_llama_server(
+    binary: str, gguf: Path, port: int, slots: int, context: int, threads: int, log: Path
+) -> subprocess.Popen:
+    """llama-server on ``gguf`` with ``slots`` parallel slots of ``context`` tokens each, once
+    /health answers."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                binary,
+                *("-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+                *("-np", str(slots), "-c", str(slots * context)),
+                *("-t", str(threads), "-tb", str(threads), "--no-webui"),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    wait_until_ready(process, f"http://127.0.0.1:{port}/health", log, "llama-server")
+    return process
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path, name: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"`slm serve` exited with {process.returncode}:\n{log.read_text()}")
+            sys.exit(f"{name} exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     process.kill()
-    sys.exit(f"`slm serve` was not ready within 120 s:\n{log.read_text()}")
+    sys.exit(f"{name} was not ready within 120 s:\n{log.read_text()}")
 
 
-def hf_batch(checkpoint_dir: Path, batch: int, new_tokens: int, repeats: int) -> float:
-    """Median aggregate tokens/s of transformers' greedy generate, ``batch`` prompts at once."""
-    from decode import hf_decode  # bench/decode.py: the same call the decode benchmark times
-    from transformers import GPT2LMHeadModel
+def ratio(ours: float | None, theirs: float | None) -> str:
+    return f"{ours / theirs:.2f}×" if ours and theirs else "–"
 
-    from model.checkpoint import load_checkpoint, newest_checkpoint
-    from model.export.hf import export_hf
-    from model.tokenizer import get_tokenizer
 
-    model, _ = load_checkpoint(newest_checkpoint(checkpoint_dir))
-    with tempfile.TemporaryDirectory() as folder:
-        export_hf(model, Path(folder))
-        hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [get_tokenizer().encode(PROMPT)] * batch
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tokens = hf_decode(hf_model, prompts, new_tokens)
-        rates.append(tokens / (time.perf_counter() - started))
-    return statistics.median(rates)
+def figure(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The median of every figure over repeated runs of one level (errors summed)."""
+    merged = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if isinstance(run[key], int | float)]
+        if key == "errors":
+            merged[key] = sum(values)
+        elif values and len(values) == len(runs):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = next((run[key] for run in runs if run[key]), None)
+    return merged
 
 
 def main() -> None:
@@ -180,81 +256,149 @@ def main() -> None:
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--block-size", type=int, default=512, help="room for prompt + tokens")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--requests", type=int, default=2, help="streams per client, in turn")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-batch", type=int, default=64, help="the service's MAX_BATCH_SIZE")
-    parser.add_argument("--hf-batch", type=int, default=16)
-    parser.add_argument("--hf-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per level")
+    parser.add_argument("--max-batch", type=int, default=64, help="MAX_BATCH_SIZE, and -np")
+    parser.add_argument(
+        "--llama-server",
+        default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"),
+        help="the peer's binary (default: $LLAMA_SERVER, else llama-server on PATH)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpoints = Path(folder) / "checkpoints"
+        root = Path(folder)
+        checkpoints = root / "checkpoints"
         subprocess.run(
             [
-                "slm",
-                "init",
-                "--preset",
-                args.preset,
-                "--block-size",
-                str(args.block_size),
-                "--out",
-                str(checkpoints / "bench"),
+                *("slm", "init", "--preset", args.preset, "--block-size", str(args.block_size)),
+                *("--out", str(checkpoints / "bench")),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        hf_rate = hf_batch(checkpoints, args.hf_batch, args.new_tokens, args.hf_repeats)
-        port = free_port()
-        service = start_service(
-            checkpoints,
-            port,
-            Path(folder) / "serve.log",
-            MAX_BATCH_SIZE=str(args.max_batch),
-            MAX_WAITING="1024",
-        )
+        servers: dict[str, str] = {}
+        processes = []
         try:
-            base_url = f"http://127.0.0.1:{port}"
-            asyncio.run(run_level(base_url, 1, 1, 8))  # warm-up
-            levels = [
-                asyncio.run(run_level(base_url, clients, args.requests, args.new_tokens))
-                for clients in args.clients
-            ]
+            port = free_port()
+            processes.append(
+                start_service(
+                    checkpoints,
+                    port,
+                    root / "serve.log",
+                    MAX_BATCH_SIZE=str(args.max_batch),
+                    MAX_WAITING="1024",
+                    DECODE_THREADS=str(threads),
+                )
+            )
+            servers["ours"] = f"http://127.0.0.1:{port}"
+            if args.llama_server:
+                gguf = export_gguf_of(checkpoints, root / "model-f32.gguf")
+                port = free_port()
+                processes.append(
+                    start_llama_server(
+                        args.llama_server,
+                        gguf,
+                        port,
+                        args.max_batch,
+                        args.block_size,
+                        threads,
+                        root / "llama-server.log",
+                    )
+                )
+                servers["llama-server"] = f"http://127.0.0.1:{port}"
+            figures = measure(args, servers)
         finally:
-            service.terminate()
-            service.wait(30)
+            for process in processes:
+                process.terminate()
+                process.wait(30)
+    report(args, figures, threads)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, **figures}, indent=2))
 
-    single = next((level["tokens_per_s"] for level in levels if level["clients"] == 1), None)
+
+def export_gguf_of(checkpoints: Path, path: Path) -> Path:
+    from model.checkpoint import load_checkpoint, newest_checkpoint
+    from model.export.gguf import export_gguf
+
+    model, _ = load_checkpoint(newest_checkpoint(checkpoints))
+    export_gguf(model, path, "f32")
+    return path
+
+
+def measure(args: argparse.Namespace, servers: dict[str, str]) -> dict:
+    for url in servers.values():  # warm-up
+        asyncio.run(run_level(url, 1, 1, 8, "sampled"))
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            for clients in args.clients:
+                for name, url in servers.items():
+                    level = asyncio.run(
+                        run_level(url, clients, args.requests, args.new_tokens, mode)
+                    )
+                    runs.setdefault(f"{name}|{mode}|{clients}", []).append(level)
+    levels = {key: median_of(values) for key, values in runs.items()}
+    burst: dict[str, list[dict]] = {}
+    long_prompt: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for name, url in servers.items():
+            burst.setdefault(name, []).append(asyncio.run(run_level(url, 64, 1, 16, "sampled")))
+            long_prompt.setdefault(name, []).append(asyncio.run(long_prompt_arrives(url, 16, 96)))
+    return {
+        "levels": levels,
+        "runs": runs,
+        "burst_64": {name: median_of(values) for name, values in burst.items()},
+        "long_prompt_among_16": {name: median_of(values) for name, values in long_prompt.items()},
+    }
+
+
+def report(args: argparse.Namespace, figures: dict, threads: int) -> None:
+    levels = figures["levels"]
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, preset {args.preset}, {args.new_tokens} new tokens"
+        f"torch {torch.__version__}, {threads} threads each, preset {args.preset} at block "
+        f"{args.block_size}, {args.new_tokens} new tokens, {args.requests} streams per client, "
+        f"medians of {args.repeats} interleaved runs"
     )
     print(
-        "| clients | tok/s | vs 1 stream | vs HF batch | TTFT p50 / p99 ms | "
-        "ITL p50 / p99 ms | errors |"
+        "| mode | streams | ours tok/s | llama-server tok/s | ratio | TTFT p50 ours / theirs ms "
+        "| ITL p99 ours / theirs ms | errors ours / theirs |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for level in levels:
-        versus_single = f"{level['tokens_per_s'] / single:.2f}×" if single else ""
-        print(
-            f"| {level['clients']} | {level['tokens_per_s']:.1f} | {versus_single} | "
-            f"{level['tokens_per_s'] / hf_rate:.2f}× | "
-            f"{level['ttft_p50_ms']:.0f} / {level['ttft_p99_ms']:.0f} | "
-            f"{level['itl_p50_ms']:.1f} / {level['itl_p99_ms']:.1f} | {level['errors']} |"
-        )
-        if level["first_error"]:
-            print(f"  first error: {level['first_error']}")
-    print(f"HF transformers generate, offline batch {args.hf_batch}: {hf_rate:.1f} tok/s")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "levels": levels,
-                    "hf_batch_tokens_per_s": hf_rate,
-                },
-                indent=2,
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in args.modes:
+        for clients in args.clients:
+            ours = levels[f"ours|{mode}|{clients}"]
+            theirs = levels.get(f"llama-server|{mode}|{clients}", {})
+            print(
+                f"| {mode} | {clients} | {ours['tokens_per_s']:.1f} | "
+                f"{figure(theirs.get('tokens_per_s'), 1)} | "
+                f"{ratio(ours['tokens_per_s'], theirs.get('tokens_per_s'))} | "
+                f"{figure(ours['ttft_p50_ms'])} / {figure(theirs.get('ttft_p50_ms'))} | "
+                f"{figure(ours['itl_p99_ms'], 1)} / {figure(theirs.get('itl_p99_ms'), 1)} | "
+                f"{ours['errors']} / {theirs.get('errors', '–')} |"
             )
+            for side in (ours, theirs):
+                if side.get("first_error"):
+                    print(f"  first error: {side['first_error']}")
+    print("\nA burst of 64 sampled arrivals at once (16 tokens each):")
+    for name, burst in figures["burst_64"].items():
+        print(
+            f"  {name}: TTFT p50 {figure(burst['ttft_p50_ms'])} ms, p99 "
+            f"{figure(burst['ttft_p99_ms'])} ms (p99/p50 "
+            f"{ratio(burst['ttft_p99_ms'], burst['ttft_p50_ms'])}), errors {burst['errors']}"
+        )
+    print("16 sampled streams running while a near-full-context prompt arrives:")
+    for name, long in figures["long_prompt_among_16"].items():
+        print(
+            f"  {name}: running streams' ITL p50 {figure(long['itl_p50_ms'], 1)} ms, p99 "
+            f"{figure(long['itl_p99_ms'], 1)} ms; the long prompt's TTFT "
+            f"{figure(long['long_prompt_ttft_ms'])} ms"
+            + (f" ({long['long_prompt_error']})" if long["long_prompt_error"] else "")
         )
 
 

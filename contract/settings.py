@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="longer prompts get 422 (the model keeps the last "
         "block_size tokens of shorter ones)",
     )
+    prefill_tokens: int = Field(
+        512,
+        ge=16,
+        le=65_536,
+        description="tokens (prompts × padded length) in one prefill forward: a burst of "
+        "arrivals joins in one, a longer prompt is encoded in chunks between decode steps",
+    )
     max_stop_strings: int = Field(8, ge=0, le=64)
     decode_threads: int = Field(
         0, ge=0, le=1024, description="torch threads for decoding; 0: every core"

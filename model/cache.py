@@ -1,9 +1,11 @@
 """A preallocated key/value cache whose rows are the sequences of a decoding batch.
 
 Each row holds one sequence; rows may have different lengths, so sequences that started at
-different times decode together in one forward. The batch is always rows ``0..B-1``: the caller
-keeps it compact (``move_row`` fills the hole a finished sequence leaves), so a decode step reads
-plain slices of the cache and never gathers.
+different times decode together in one forward. Every forward appends tokens to a contiguous
+range of rows: one token each for a decode step, a chunk of a prompt each for a prefill (several
+prompts right-padded to the longest, so a burst of arrivals is one forward). The caller keeps
+the rows it decodes compact (``move_rows`` closes the gap a finished sequence leaves), so a
+forward reads plain slices of the cache and never gathers.
 """
 
 from __future__ import annotations
@@ -39,61 +41,100 @@ class KVCache:
     def max_batch(self) -> int:
         return len(self.lengths)
 
-    def prefill(self, row: int, length: int) -> CacheStep:
-        """Plan a forward that encodes ``length`` tokens from position 0 into ``row``."""
-        if length > self.max_len:
-            raise ValueError(f"prefill of {length} tokens exceeds the cache length {self.max_len}")
-        self.lengths[row] = length
-        positions = torch.arange(length, device=self.keys.device)
-        return CacheStep(self, slice(row, row + 1), positions.unsqueeze(0), None, None, length)
+    def extend(self, first_row: int, starts: list[int], counts: list[int]) -> CacheStep:
+        """Plan a forward that writes ``counts[i]`` tokens from position ``starts[i]`` into row
+        ``first_row + i`` (the input is right-padded to the largest count); a start of 0
+        (re)encodes the row from scratch, a start equal to its length appends to it."""
+        rows = slice(first_row, first_row + len(starts))
+        if rows.stop > self.max_batch:
+            raise ValueError(f"rows {first_row}..{rows.stop - 1} exceed the cache's batch")
+        for row, start, count in zip(range(rows.start, rows.stop), starts, counts, strict=True):
+            if not 0 <= start <= self.lengths[row] or count < 1:
+                raise ValueError(
+                    f"row {row} holds {self.lengths[row]} tokens: cannot write {count} from "
+                    f"position {start}"
+                )
+            if start + count > self.max_len:
+                raise ValueError(
+                    f"row {row}: {start + count} tokens exceed the cache length {self.max_len}; "
+                    "slide its window first"
+                )
+            self.lengths[row] = start + count
+        device = self.keys.device
+        width = max(counts)
+        offsets = torch.arange(width, device=device)
+        start_column = torch.tensor(starts, device=device)[:, None]
+        # Padding positions are clamped: their embeddings are computed and never read.
+        positions = (start_column + offsets).clamp_(max=self.max_len - 1)
+        end = max(s + c for s, c in zip(starts, counts, strict=True))
+        same_start = min(starts) == max(starts)
+        if same_start and starts[0] == 0:
+            # Fresh prompts: causal attention over the new tokens alone; right padding comes
+            # after every real token, so no real token sees it.
+            return CacheStep(self, rows, positions, None, None, end, _last(counts, device))
+        if same_start and min(counts) == width:
+            write: slice | tuple[Tensor | None, Tensor, Tensor] = slice(
+                starts[0], starts[0] + width
+            )
+        else:
+            row_index = torch.arange(len(starts), device=device)[:, None].expand(-1, width)
+            key_index = start_column + offsets
+            if min(counts) == width:  # no padding: every input is written (a decode step)
+                write = (None, row_index.flatten(), key_index.flatten())
+            else:
+                real = offsets < torch.tensor(counts, device=device)[:, None]
+                write = (real, row_index[real], key_index[real])
+        mask = None
+        if not (same_start and width == 1):  # one new token per row at one position sees all
+            key_positions = torch.arange(end, device=device)
+            mask = (key_positions <= (start_column + offsets)[:, :, None])[:, None]
+        return CacheStep(self, rows, positions, write, mask, end, _last(counts, device))
 
     def decode(self, batch: int) -> CacheStep:
         """Plan a forward that appends one token to each of rows ``0..batch-1``."""
-        lengths = self.lengths[:batch]
-        if max(lengths) >= self.max_len:
-            raise ValueError("a row of the cache is full; slide its window before decoding")
-        device = self.keys.device
-        positions = torch.tensor(lengths, device=device)
-        end = max(lengths) + 1
-        if min(lengths) == end - 1:
-            # Every row has the same length (always so at batch 1): a slice write, no mask.
-            write: slice | Tensor = slice(end - 1, end)
-            mask = None
-        else:
-            write = positions
-            mask = torch.arange(end, device=device) <= positions.unsqueeze(1)
-            mask = mask[:, None, None, :]
-        for row in range(batch):
-            self.lengths[row] += 1
-        return CacheStep(self, slice(0, batch), positions.unsqueeze(1), write, mask, end)
+        return self.extend(0, self.lengths[:batch], [1] * batch)
 
-    def move_row(self, source: int, target: int) -> None:
-        """Copy one sequence's cache to another row (to keep the batch compact)."""
-        length = self.lengths[source]
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
-        self.lengths[target] = length
-        self.lengths[source] = 0
+    def move_rows(self, source: slice, target: int) -> None:
+        """Copy the sequences in rows ``source`` to the rows from ``target`` on (to keep the
+        batch compact); only the filled part of the cache is copied."""
+        count = source.stop - source.start
+        if count <= 0 or source.start == target:
+            return
+        length = max(self.lengths[source])
+        destination = slice(target, target + count)
+        if length:
+            for cache in (self.keys, self.values):
+                cache[:, destination, :, :length] = cache[:, source, :, :length].clone()
+        self.lengths[destination] = self.lengths[source]
 
     def clear_row(self, row: int) -> None:
         self.lengths[row] = 0
+
+
+def _last(counts: list[int], device: torch.device) -> slice | Tensor:
+    """Where each row's last real token is in the padded input."""
+    if min(counts) == max(counts):
+        return slice(-1, None)
+    return torch.tensor(counts, device=device) - 1
 
 
 @dataclass
 class CacheStep:
     """How every layer of one forward writes its new keys/values and what it attends to.
 
-    ``write`` is None for a prefill (positions ``0..T-1``), a slice when all rows append at the
-    same position, or a tensor of per-row positions when lengths differ (then ``mask`` hides
-    each row's unused tail).
+    ``write`` is None when every row is encoded from position 0 (the new keys are all there is
+    to attend to, causally), a slice when all rows write the same positions, or else which
+    inputs are real tokens (B, T; None when none is padding) with their rows and positions;
+    ``mask`` then says which keys each query sees.
     """
 
     cache: KVCache
     rows: slice
     positions: Tensor  # (B, T) absolute positions of the new tokens
-    write: slice | Tensor | None
-    mask: Tensor | None  # (B, 1, 1, end) True where a key may be attended
+    write: slice | tuple[Tensor | None, Tensor, Tensor] | None
+    mask: Tensor | None  # (B, 1, T, end) True where a key may be attended
     end: int  # keys 0..end-1 are read
+    last: slice | Tensor  # each row's last real token: a slice of T, or one index per row
 
     def update(
         self, layer: int, k: Tensor, v: Tensor
@@ -101,14 +142,25 @@ class CacheStep:
         """Store the new keys/values; return (keys, values, mask, is_causal) to attend with."""
         keys, values = self.cache.keys[layer, self.rows], self.cache.values[layer, self.rows]
         if self.write is None:
-            keys[:, :, : self.end] = k
-            values[:, :, : self.end] = v
+            width = k.shape[2]
+            keys[:, :, :width] = k
+            values[:, :, :width] = v
             return k, v, None, True
         if isinstance(self.write, slice):
             keys[:, :, self.write] = k
             values[:, :, self.write] = v
         else:
-            batch = torch.arange(k.shape[0], device=k.device)
-            keys[batch, :, self.write] = k[:, :, 0]
-            values[batch, :, self.write] = v[:, :, 0]
+            real, rows, positions = self.write
+            # (B, heads, T, dim) → the real tokens' (N, heads, dim), in the order of rows/positions
+            for cache, new in ((keys, k), (values, v)):
+                by_token = new.transpose(1, 2)
+                cache[rows, :, positions] = (
+                    by_token.flatten(0, 1) if real is None else by_token[real]
+                )
         return keys[:, :, : self.end], values[:, :, : self.end], self.mask, False
+
+    def last_hidden(self, hidden: Tensor) -> Tensor:
+        """Each row's activations at its last real token: (B, T, C) → (B, C)."""
+        if isinstance(self.last, slice):
+            return hidden[:, -1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.last]

@@ -1,17 +1,24 @@
-"""KV-cached generation: prefill a prompt, then one cheap decode step per token for a whole batch.
+"""KV-cached generation: prefill prompts in batches, then one cheap decode step per token for a
+whole batch.
 
-``BatchGenerator`` owns a model and a ``KVCache`` whose rows are the sequences being decoded.
-``add`` prefills a new prompt into a free row and returns its first token right away (time to
-first token is one prefill); ``step`` decodes one token for every running sequence in a single
-forward; finished sequences leave the batch and newcomers join between steps. The inference
-service drives it request by request; ``generate`` below drives it for one prompt.
+``BatchGenerator`` owns a model, a ``KVCache`` and a ``BatchSampler`` whose rows are the
+sequences in flight. ``add`` queues a prompt; each ``step`` is one iteration of the batch: the
+sequences waiting for their prefill are encoded together, right-padded, in forwards of at most
+``prefill_tokens`` tokens (a long prompt takes several steps, so it never freezes the stories
+already running for more than one such forward), the running sequences decode one token each,
+and the first tokens of the newly encoded prompts are sampled with everyone else's. Finished
+sequences leave between steps. The inference service drives it; ``generate`` below drives it for
+one prompt.
+
+Rows are kept in order: ``rows[:decoding]`` are decoding, the rest wait for (the rest of) their
+prefill, first come first served.
 
 The context window: GPT-2 learns absolute positions, so a sequence cannot grow past block_size
 and the cache cannot simply drop its oldest entries (every cached key was computed at its old
-position). When a sequence fills the window, the oldest quarter is dropped and the remaining
-three quarters are re-encoded from position 0 (one prefill every block_size/4 tokens), so a
-story can be longer than the context. A prompt longer than the window keeps its last block_size
-tokens (``Sequence.prompt_truncated`` says so).
+position). When a sequence fills the window, it keeps its newest three quarters and goes back to
+the front of the prefill queue, to be re-encoded from position 0 with whoever else is waiting
+(one prefill every block_size/4 tokens), so a story can be longer than the context. A prompt
+longer than the window keeps its last block_size tokens (``Sequence.prompt_truncated`` says so).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import Tensor
 from model.cache import KVCache
 from model.gpt import GPT
 from model.quantize import quantize_int8
-from model.sampling import SamplingParams, new_generator, sample_token
+from model.sampling import BatchSampler, SamplingParams, resolve_seed
 from model.tokenizer import StreamDecoder, Tokenizer, get_tokenizer
 
 FinishReason = Literal["stop", "length", "end_of_text"]
@@ -69,24 +76,28 @@ class StopStrings:
 
 @dataclass
 class Sequence:
-    """One story being written: its tokens, sampling state and streamed text."""
+    """One story being written: its tokens, sampling parameters and streamed text."""
 
     id: int
     params: SamplingParams
     seed: int
-    tokens: list[int]  # prompt then generated; the last one is pending (not yet in the cache)
+    tokens: list[int]  # prompt then generated; while decoding, the last one is not yet cached
     prompt_length: int
     prompt_truncated: bool
     context_start: int  # tokens[context_start:] are the model's current window
-    generator: torch.Generator
     decoder: StreamDecoder
     stops: StopStrings
+    encoded: int = 0  # how much of the window its prefill has encoded so far
     finish_reason: FinishReason | None = None
     text: list[str] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_length :]
+
+    @property
+    def window(self) -> list[int]:
+        return self.tokens[self.context_start :]
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ class BatchGenerator:
 
     ``use_cache=False`` recomputes the whole window for every token (the reference that cached
     decoding is tested and benchmarked against). ``quantization="int8"`` runs int8 linear layers
-    on the CPU.
+    on the CPU. ``prefill_tokens`` bounds one prefill forward (prompts × padded length).
     """
 
     def __init__(
@@ -126,14 +137,18 @@ class BatchGenerator:
         max_batch: int = 1,
         use_cache: bool = True,
         quantization: str = "none",
+        prefill_tokens: int = 512,
     ) -> None:
         if model.training:
             raise ValueError("call model.eval() before generating (dropout would be active)")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
         self.config = model.config
         self.tokenizer = tokenizer or get_tokenizer()
         self.use_cache = use_cache
+        self.prefill_tokens = prefill_tokens
         parameter = next(model.parameters())
         self.device = parameter.device
         if quantization == "int8":
@@ -148,9 +163,11 @@ class BatchGenerator:
             head_t = model.lm_head.weight.detach().t().contiguous()
             self._head = lambda hidden: hidden @ head_t
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
+        self.sampler = BatchSampler(max_batch, self.config.vocab_size, self.device)
         self.window = self.config.block_size
         self.keep_on_slide = max(1, self.window * 3 // 4)
-        self.rows: list[Sequence] = []  # row i of the cache holds rows[i]
+        self.rows: list[Sequence] = []  # row i of the cache and the sampler holds rows[i]
+        self.decoding = 0  # rows[:decoding] decode; the rest wait for their prefill
         self._next_id = 0
 
     @property
@@ -162,62 +179,64 @@ class BatchGenerator:
         does in the training data."""
         return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
 
-    @torch.inference_mode()
-    def add(self, prompt: list[int], params: SamplingParams) -> tuple[Sequence, TokenEvent]:
-        """Prefill ``prompt`` into a free row and sample the first new token."""
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Queue ``prompt`` for prefill; its first token comes from a later ``step``."""
         if not self.free_rows:
             raise RuntimeError("the batch is full; wait for a sequence to finish")
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         if any(not 0 <= token < self.config.vocab_size for token in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        generator, seed = new_generator(params.seed, self.device)
         context_start = max(0, len(prompt) - self.window)
         sequence = Sequence(
             id=self._next_id,
             params=params,
-            seed=seed,
+            seed=resolve_seed(params.seed),
             tokens=list(prompt),
             prompt_length=len(prompt),
             prompt_truncated=context_start > 0,
             context_start=context_start,
-            generator=generator,
             decoder=self.tokenizer.stream_decoder(),
             stops=StopStrings(params.stop),
         )
         self._next_id += 1
         row = len(self.rows)
-        try:
-            hidden = self._prefill(row, prompt[context_start:])
-            event = self._accept(sequence, self._sample(self._head(hidden), [sequence])[0])
-        except BaseException:
-            self.cache.clear_row(row)  # the row stays free for the next sequence
-            raise
-        if sequence.finish_reason is None:
-            self.rows.append(sequence)
-        else:
-            self.cache.clear_row(row)
-        return sequence, event
+        self.cache.clear_row(row)
+        self.sampler.set_row(row, params, sequence.seed, sequence.tokens, [])
+        self.rows.append(sequence)
+        return sequence
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Decode one token for every running sequence; finished ones leave the batch."""
-        if not self.rows:
-            return []
-        for row, sequence in enumerate(self.rows):
-            if len(sequence.tokens) - sequence.context_start > self.window:
-                self._slide(row, sequence)
+        """One iteration: a bounded prefill for the sequences waiting, one decode step for the
+        running ones, and a token for each of both; finished sequences leave the batch."""
+        decoding = self.decoding
         if self.use_cache:
-            pending = torch.tensor([[s.tokens[-1]] for s in self.rows], device=self.device)
-            hidden = self.model.forward_cached(pending, self.cache.decode(len(self.rows)))
-        else:
-            hidden = torch.cat([self._full_forward(s.tokens[s.context_start :]) for s in self.rows])
-        tokens = self._sample(self._head(hidden), self.rows)
+            hidden = [self._decode_forward(decoding)] if decoding else []
+            encoded = self._prefill_forward()
+            if encoded is not None:
+                hidden.append(encoded)
+            if not hidden:
+                return []
+            sampled = decoding + (hidden[-1].shape[0] if encoded is not None else 0)
+            states = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+        else:  # the reference: every window from scratch, every prompt at once
+            sampled = len(self.rows)
+            if not sampled:
+                return []
+            states = torch.cat([self._full_forward(s.window) for s in self.rows])
+        rows = slice(0, sampled)
+        tokens = self.sampler.sample(self._head(states), rows)
+        self.sampler.observe(rows, tokens)
+        self.decoding = sampled
         events = [
-            self._accept(sequence, token) for sequence, token in zip(self.rows, tokens, strict=True)
+            self._accept(sequence, token)
+            for sequence, token in zip(self.rows[:sampled], tokens.tolist(), strict=True)
         ]
-        for sequence in [s for s in self.rows if s.finish_reason is not None]:
+        for sequence in [s for s in self.rows[:sampled] if s.finish_reason is not None]:
             self.remove(sequence.id)
+        for sequence in [s for s in self.rows[: self.decoding] if self._window_full(s)]:
+            self._slide(sequence)
         return events
 
     def remove(self, sequence_id: int) -> None:
@@ -225,46 +244,80 @@ class BatchGenerator:
         row = next((i for i, s in enumerate(self.rows) if s.id == sequence_id), None)
         if row is None:
             raise KeyError(f"no running sequence with id {sequence_id}")
-        last = len(self.rows) - 1
-        if row != last and self.use_cache:
-            self.cache.move_row(last, row)
-        self.cache.clear_row(last)
-        self.rows[row] = self.rows[last]
-        self.rows.pop()
+        if row < self.decoding:
+            last = self.decoding - 1
+            self._move_rows(slice(last, last + 1), row)  # the last decoding row fills the gap
+            self.rows[row] = self.rows[last]
+            row = last
+            self.decoding -= 1
+        self._move_rows(slice(row + 1, len(self.rows)), row)  # the prefill queue moves up
+        del self.rows[row]
+        self.cache.clear_row(len(self.rows))
+        self.sampler.clear_row(len(self.rows))
 
-    def _prefill(self, row: int, context: list[int]) -> Tensor:
-        if not self.use_cache:
-            return self._full_forward(context)
-        idx = torch.tensor([context], device=self.device)
-        return self.model.forward_cached(idx, self.cache.prefill(row, len(context)))
+    def _move_rows(self, source: slice, target: int) -> None:
+        self.cache.move_rows(source, target)
+        self.sampler.move_rows(source, target)
+
+    def _decode_forward(self, batch: int) -> Tensor:
+        pending = torch.tensor([[s.tokens[-1]] for s in self.rows[:batch]], device=self.device)
+        return self.model.forward_cached(pending, self.cache.decode(batch))
+
+    def _prefill_forward(self) -> Tensor | None:
+        """Encode the next chunk of the prefill queue: whole prompts, first come first served,
+        while prompts × padded length stays within ``prefill_tokens``; the first in the queue
+        always advances, by at most that many tokens. Returns the final activations of the
+        prompts now fully encoded (a prefix of the queue), or None."""
+        chunks: list[tuple[Sequence, int]] = []
+        width = 0
+        for sequence in self.rows[self.decoding :]:
+            remaining = len(sequence.window) - sequence.encoded
+            if chunks and (len(chunks) + 1) * max(width, remaining) > self.prefill_tokens:
+                break
+            count = min(remaining, self.prefill_tokens)
+            chunks.append((sequence, count))
+            width = max(width, count)
+        if not chunks:
+            return None
+        idx = torch.tensor(
+            [
+                s.window[s.encoded : s.encoded + count] + [0] * (width - count)
+                for s, count in chunks
+            ],
+            device=self.device,
+        )
+        plan = self.cache.extend(
+            self.decoding, [s.encoded for s, _ in chunks], [count for _, count in chunks]
+        )
+        hidden = self.model.forward_cached(idx, plan)
+        for sequence, count in chunks:
+            sequence.encoded += count
+        done = sum(s.encoded == len(s.window) for s, _ in chunks)
+        return hidden[:done] if done else None
 
     def _full_forward(self, context: list[int]) -> Tensor:
         idx = torch.tensor([context], device=self.device)
         return self.model.hidden_states(idx)[:, -1]
 
-    def _slide(self, row: int, sequence: Sequence) -> None:
-        """Drop the oldest quarter of a full window and re-encode the rest from position 0."""
-        sequence.context_start = len(sequence.tokens) - self.keep_on_slide
-        if self.use_cache:
-            self._prefill(row, sequence.tokens[sequence.context_start : -1])
+    def _window_full(self, sequence: Sequence) -> bool:
+        return len(sequence.window) > self.window
 
-    def _sample(self, logits: Tensor, sequences: list[Sequence]) -> list[int]:
-        plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in sequences]
-        # Greedy rows without a penalty share one batched max (several times faster than
-        # argmax on a CPU); every other row samples with its own generator, so its draws never
-        # depend on its neighbours.
-        if any(plain_greedy):
-            picks = logits.max(dim=-1).indices
-        else:
-            picks = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
-        for row, sequence in enumerate(sequences):
-            if plain_greedy[row]:
-                continue
-            previous = None
-            if sequence.params.repetition_penalty != 1.0:
-                previous = torch.tensor(sequence.tokens, device=logits.device)
-            picks[row] = sample_token(logits[row], sequence.params, sequence.generator, previous)
-        return picks.tolist()  # one device sync for the whole batch
+    def _slide(self, sequence: Sequence) -> None:
+        """Keep the newest three quarters of a full window and send the sequence back to the
+        front of the prefill queue, to be re-encoded from position 0."""
+        row = self.rows.index(sequence)
+        last = self.decoding - 1
+        if row != last:  # its cached keys are stale anyway: only the sampler state must survive
+            self._move_rows(slice(last, last + 1), row)
+            self.rows[row] = self.rows[last]
+            self.rows[last] = sequence
+            self.sampler.set_row(
+                last, sequence.params, sequence.seed, sequence.tokens, sequence.generated
+            )
+        self.decoding -= 1
+        sequence.context_start = len(sequence.tokens) - self.keep_on_slide
+        sequence.encoded = 0
+        self.cache.clear_row(last)
 
     def _accept(self, sequence: Sequence, token: int) -> TokenEvent:
         """Record a sampled token; work out the text it releases and whether the story ends."""
@@ -300,8 +353,7 @@ def generate(
 ) -> Iterator[TokenEvent]:
     """Stream one story: a ``TokenEvent`` per token, the last one carrying the finish reason."""
     generator = BatchGenerator(model, tokenizer, quantization=quantization)
-    _, event = generator.add(generator.encode_prompt(prompt), params)
-    yield event
+    generator.add(generator.encode_prompt(prompt), params)
     while generator.rows:
         yield from generator.step()
 
@@ -311,7 +363,7 @@ def complete(
 ) -> GenerationResult:
     """Generate one story to the end and return it whole."""
     generator = BatchGenerator(model, tokenizer)
-    sequence, _ = generator.add(generator.encode_prompt(prompt), params)
+    sequence = generator.add(generator.encode_prompt(prompt), params)
     while generator.rows:
         generator.step()
     assert sequence.finish_reason is not None

@@ -156,5 +156,6 @@ class GPT(nn.Module):
 
     def forward_cached(self, idx: Tensor, cache_step: CacheStep) -> Tensor:
         """Run ``idx`` (B, T) through the network, reading and writing the KV cache as planned
-        by ``cache_step``; returns the last position's final activations (B, n_embd)."""
-        return self.hidden_states(idx, cache_step.positions, cache_step)[:, -1]
+        by ``cache_step``; returns each row's final activations at its last real (not padding)
+        token (B, n_embd)."""
+        return cache_step.last_hidden(self.hidden_states(idx, cache_step.positions, cache_step))

@@ -1,7 +1,8 @@
 """The FastAPI application: settings, error shape, body limit, and the route groups.
 
 Run it with ``slm serve`` (uvicorn), or ``uvicorn service.app:create_app --factory``.
-Each route group owns its resources through its own ``lifespan``; this module only composes them.
+The app's lifespan starts what every route shares, the engine and the reloader feeding it; a
+route group with resources of its own (train jobs' Redis client) adds its own ``lifespan``.
 """
 
 from __future__ import annotations
@@ -12,22 +13,32 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from contract.settings import Settings
+from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import RequestMetrics
+from service.reloader import Reloader
 from service.routes import admin, generate, health, openai, playground, train_jobs
 
-# generate first: its lifespan starts the engine and the reloader that the others use.
 ROUTE_GROUPS = (generate, openai, health, admin, train_jobs, playground)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with AsyncExitStack() as stack:
-        for group in ROUTE_GROUPS:
-            if hasattr(group, "lifespan"):
-                await stack.enter_async_context(group.lifespan(app))
-        yield
+    engine = Engine(app.state.settings)
+    engine.start()
+    reloader = Reloader(app.state.settings, engine)
+    app.state.engine, app.state.reloader = engine, reloader
+    try:
+        await reloader.start()
+        async with AsyncExitStack() as stack:
+            for group in ROUTE_GROUPS:
+                if hasattr(group, "lifespan"):
+                    await stack.enter_async_context(group.lifespan(app))
+            yield
+    finally:
+        await reloader.stop()
+        engine.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

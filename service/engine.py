@@ -2,21 +2,22 @@
 
 Routes ``submit`` a prompt and iterate the ``Generation`` they get back; the event loop never
 runs the model. The decode thread loops: drop requests whose client left or whose deadline
-passed, let waiting requests join (one prefill each), then decode one token for every running
-sequence in a single forward per model. Each event goes back to the request's asyncio queue
-through ``loop.call_soon_threadsafe``.
+passed, let waiting requests join the batch, then run one ``BatchGenerator.step`` per model: a
+bounded, batched prefill for the newcomers and one decode step for everyone already running.
+Each record goes back to the request's asyncio queue through ``loop.call_soon_threadsafe``.
+
+The engine knows nothing of HTTP: it raises ``EngineError``s (no model, prompt too long, busy
+with a retry-after, deadline passed, ...) and emits plain records (``TextPiece``s, then one
+``Finish`` with usage and timings); the routes turn both into HTTP answers.
 
 Hot reload: every loaded model gets its own *lane* (a ``BatchGenerator`` with its KV cache).
 ``install`` makes a new lane serve new requests; sequences already in an older lane keep
 decoding there until they finish, and the lane is dropped once empty. So a stream always ends
 on the checkpoint it started with.
 
-Batching does not change results: each sequence samples with its own seeded generator, and a
-greedy story is token-identical alone or among others (tested). A sampled story draws the same
-random numbers either way; its logits come from a batched forward whose float rounding can
-differ from a lone one by ~1e-6, so two runs could part only if a draw fell within that distance
-of a boundary between two tokens' cumulative probabilities (in practice they match; tests check
-the exact tokens on a model with decisive weights).
+Batching does not change results: every draw is keyed on the request's seed and its token count
+(``model.sampling`` explains why rounding differences between batch sizes do not move it), so a
+seeded story is the same alone or among others, greedy or sampled (tested on a flat model).
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-from fastapi import Request
 
 from contract.settings import Settings
 from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent
 from model.sampling import SamplingParams
-from service.errors import ApiError
 from service.loaded import LoadedModel
 from service.metrics import (
     BATCH_SIZE,
@@ -52,12 +51,87 @@ from service.metrics import (
     TIME_TO_FIRST_TOKEN,
     WAITING,
 )
-from service.schemas import Finished, GenerateResponse, Piece, Timings, Usage
 
 log = logging.getLogger("slm.engine")
 
 # A slot frees as soon as any running story ends, which on this model is a matter of seconds.
 RETRY_AFTER_S = 1
+
+
+# --- what the engine raises -------------------------------------------------------------------
+
+
+class EngineError(Exception):
+    """Why the engine cannot serve a request, or cannot go on with it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoModel(EngineError):
+    """No checkpoint is loaded yet."""
+
+
+class PromptRejected(EngineError):
+    """The prompt is too long for this server, or holds ids this model's vocabulary lacks."""
+
+
+class Busy(EngineError):
+    """The batch and the waiting queue are full."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlinePassed(EngineError):
+    """The story took longer than REQUEST_TIMEOUT_S."""
+
+
+class GenerationFailed(EngineError):
+    """A forward failed (the server log says why)."""
+
+
+class ShuttingDown(EngineError):
+    """The engine stopped while the request was in it."""
+
+
+# --- what the engine emits --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Text released by the tokens listed (empty while a character or a possible stop string
+    is held back)."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a story ended and what it cost; the last record of every generation."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float  # arrival to joining the batch
+    time_to_first_token_s: float
+    total_s: float
+    tokens_per_s: float | None  # decode rate after the first token
+    version: str  # the checkpoint that wrote the story
+    seed: int
+    prompt_truncated: bool
+
+
+@dataclass(frozen=True)
+class Story:
+    """A whole generation at once: what the records would have said, joined."""
+
+    text: str
+    token_ids: list[int]
+    finish: Finish
 
 
 def no_model_message(settings: Settings) -> str:
@@ -78,15 +152,10 @@ def decode_threads(configured: int) -> int:
     return configured or len(os.sched_getaffinity(0))
 
 
-def engine_of(request: Request) -> Engine:
-    """FastAPI dependency: the app's engine (started by the generate group's lifespan)."""
-    return request.app.state.engine
-
-
 @dataclass(eq=False)  # identity: a request is itself, whatever it holds
 class Generation:
-    """One request in the engine. The route iterates ``events()``; everything else is written by
-    the decode thread only (``cancelled`` aside, a flag the event loop sets)."""
+    """One request in the engine. The route iterates ``records()``; everything else is written
+    by the decode thread only (``cancelled`` aside, a flag the event loop sets)."""
 
     prompt: list[int]
     params: SamplingParams
@@ -94,7 +163,7 @@ class Generation:
     deadline: float
     engine: Engine
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Piece | Finished | ApiError] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[TextPiece | Finish | EngineError] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     sequence: Sequence | None = None
     version: str | None = None
@@ -103,36 +172,36 @@ class Generation:
     last_event_at: float | None = None
     pending_ids: list[int] = field(default_factory=list)  # tokens whose text is held back
 
-    async def events(self) -> AsyncIterator[Piece | Finished]:
-        """Text pieces, then one ``Finished`` (iterate once). Raises ApiError on a timeout or
-        failure. Leaving early (the client went away) frees the request's slot at the next
-        step."""
+    async def records(self) -> AsyncIterator[TextPiece | Finish]:
+        """Text pieces, then one ``Finish`` (iterate once). Raises an EngineError when the
+        deadline passes or a forward fails. Leaving early (the client went away) frees the
+        request's slot at the next step."""
         try:
             while True:
                 item = await self.queue.get()
-                if isinstance(item, ApiError):
+                if isinstance(item, EngineError):
                     raise item
                 yield item
-                if isinstance(item, Finished):
+                if isinstance(item, Finish):
                     return
         finally:
             self.engine.cancel(self)
 
-    async def result(self) -> GenerateResponse:
-        """The whole story at once: what the stream would have sent, joined."""
-        pieces: list[Piece] = []
-        async for item in self.events():
-            if isinstance(item, Piece):
+    async def story(self) -> Story:
+        """The whole story at once."""
+        pieces: list[TextPiece] = []
+        async for item in self.records():
+            if isinstance(item, TextPiece):
                 pieces.append(item)
             else:
-                return GenerateResponse(
+                return Story(
                     text="".join(piece.text for piece in pieces),
                     token_ids=[token for piece in pieces for token in piece.token_ids],
-                    **item.model_dump(),
+                    finish=item,
                 )
-        raise AssertionError("events() always ends with Finished or raises")
+        raise AssertionError("records() always ends with a Finish or raises")
 
-    def send(self, item: Piece | Finished | ApiError) -> None:
+    def send(self, item: TextPiece | Finish | EngineError) -> None:
         """From the decode thread to the request's event loop."""
         # A closed event loop means the server is gone and nobody listens.
         with contextlib.suppress(RuntimeError):
@@ -141,7 +210,7 @@ class Generation:
 
 @dataclass(eq=False)
 class Lane:
-    """One loaded model and the sequences decoding on it."""
+    """One loaded model and the sequences in its batch (prefilling or decoding)."""
 
     loaded: LoadedModel
     generator: BatchGenerator
@@ -174,7 +243,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop decoding; requests still in the engine get a 503."""
+        """Stop decoding; requests still in the engine get ShuttingDown."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -183,30 +252,32 @@ class Engine:
     def install(self, loaded: LoadedModel) -> None:
         """Serve new requests from ``loaded``. Called from the reloader's worker thread: the
         lane's KV cache and transposed output matrix take a moment to build."""
-        generator = BatchGenerator(
-            loaded.model,
-            max_batch=self.settings.max_batch_size,
-            quantization=self.settings.quantization,
-        )
+        lane = Lane(loaded, self._generator(loaded))
         with self._cond:
-            self._current = Lane(loaded, generator)
+            self._current = lane
             self._cond.notify()
         MODEL.info({"version": loaded.version, "step": str(loaded.meta.step)})
 
+    def _generator(self, loaded: LoadedModel) -> BatchGenerator:
+        return BatchGenerator(
+            loaded.model,
+            max_batch=self.settings.max_batch_size,
+            quantization=self.settings.quantization,
+            prefill_tokens=self.settings.prefill_tokens,
+        )
+
     async def submit(self, prompt: str, params: SamplingParams) -> Generation:
-        """Queue a story. Raises ApiError: 503 without a model, 422 for a prompt over
-        MAX_PROMPT_TOKENS, 429 when the batch and the waiting queue are full."""
+        """Queue a story. Raises NoModel, PromptRejected (over MAX_PROMPT_TOKENS) or Busy (the
+        batch and the waiting queue are full)."""
         lane = self._current
         if lane is None:
-            raise ApiError(503, no_model_message(self.settings))
+            raise NoModel(no_model_message(self.settings))
         # Tokenizing a prompt near the body limit takes tens of milliseconds: not on the loop.
         ids = await asyncio.to_thread(lane.generator.encode_prompt, prompt)
         if len(ids) > self.settings.max_prompt_tokens:
-            raise ApiError(
-                422,
+            raise PromptRejected(
                 f"prompt: {len(ids)} tokens is above this server's limit of "
-                f"{self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)",
-                param="prompt",
+                f"{self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)"
             )
         now = time.perf_counter()
         generation = Generation(
@@ -220,11 +291,10 @@ class Engine:
         capacity = self.settings.max_batch_size + self.settings.max_waiting
         with self._cond:
             if self._accepted >= capacity:
-                raise ApiError(
-                    429,
+                raise Busy(
                     f"the server is busy: {self.settings.max_batch_size} stories are being "
                     f"written and {self.settings.max_waiting} are waiting; retry shortly",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    RETRY_AFTER_S,
                 )
             self._accepted += 1
             self._waiting.append(generation)
@@ -268,7 +338,7 @@ class Engine:
                 # An older model's lane goes once its last story is done.
                 self._lanes = [each for each in self._lanes if each.running or each is lane]
                 RUNNING.set(self._running())
-        self._fail_all(ApiError(503, "the server is shutting down"))
+        self._fail_all(ShuttingDown("the server is shutting down"))
 
     def _running(self) -> int:
         return sum(len(lane.running) for lane in self._lanes)
@@ -293,32 +363,25 @@ class Engine:
     def _time_out(self, generation: Generation) -> None:
         timeout = self.settings.request_timeout_s
         generation.send(
-            ApiError(504, f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)")
+            DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)")
         )
         self._release("timeout")
 
     def _admit(self, generation: Generation, lane: Lane | None) -> None:
+        """Queue a newcomer for the lane's next prefill."""
         now = time.perf_counter()
         assert lane is not None, "submit accepts requests only once a model is installed"
         generation.admitted = now
         QUEUE_TIME.observe(now - generation.arrived)
         try:
-            sequence, event = lane.generator.add(generation.prompt, generation.params)
+            sequence = lane.generator.add(generation.prompt, generation.params)
         except ValueError as error:  # a token this checkpoint's vocabulary does not have
-            generation.send(ApiError(422, f"prompt: {error}", param="prompt"))
-            self._release("error")
-            return
-        except Exception:
-            # This request alone fails; the decode thread (every other story) carries on.
-            log.exception("prefill failed on %s", lane.loaded.version)
-            generation.send(ApiError(500, "generation failed; see the server log"))
+            generation.send(PromptRejected(f"prompt: {error}"))
             self._release("error")
             return
         PROMPT_TOKENS.inc(len(generation.prompt))
         generation.sequence, generation.version = sequence, lane.loaded.version
-        if sequence.finish_reason is None:
-            lane.running[sequence.id] = generation
-        self._deliver(generation, event, time.perf_counter())
+        lane.running[sequence.id] = generation
 
     def _step(self, lane: Lane) -> None:
         if not lane.running:
@@ -329,16 +392,12 @@ class Engine:
         except Exception:
             # Nothing in the batch can be trusted after a failed forward: end its stories with
             # an error and start the lane afresh, so later requests still get served.
-            log.exception("decode step failed on %s", lane.loaded.version)
+            log.exception("generation step failed on %s", lane.loaded.version)
             for generation in lane.running.values():
-                generation.send(ApiError(500, "generation failed; see the server log"))
+                generation.send(GenerationFailed("generation failed; see the server log"))
                 self._release("error")
             lane.running.clear()
-            lane.generator = BatchGenerator(
-                lane.loaded.model,
-                max_batch=self.settings.max_batch_size,
-                quantization=self.settings.quantization,
-            )
+            lane.generator = self._generator(lane.loaded)
             return
         now = time.perf_counter()
         for event in events:
@@ -358,34 +417,29 @@ class Engine:
             generation.pending_ids.append(event.token_id)
             GENERATED_TOKENS.inc()
         if event.text or (event.finish_reason and generation.pending_ids):
-            generation.send(Piece(text=event.text, token_ids=generation.pending_ids))
+            generation.send(TextPiece(text=event.text, token_ids=generation.pending_ids))
             generation.pending_ids = []
         if event.finish_reason is not None:
-            generation.send(self._finished(generation, event.finish_reason, now))
+            generation.send(self._finish(generation, event.finish_reason, now))
             self._release(event.finish_reason)
             END_TO_END_LATENCY.observe(now - generation.arrived)
 
     @staticmethod
-    def _finished(generation: Generation, reason: FinishReason, now: float) -> Finished:
+    def _finish(generation: Generation, reason: FinishReason, now: float) -> Finish:
         sequence = generation.sequence
         assert sequence is not None and generation.version is not None
         assert generation.admitted is not None and generation.first_event_at is not None
         generated = len(sequence.generated)
         decoding = now - generation.first_event_at
-        return Finished(
-            finish_reason=reason,
-            usage=Usage(
-                prompt_tokens=sequence.prompt_length,
-                completion_tokens=generated,
-                total_tokens=sequence.prompt_length + generated,
-            ),
-            timings=Timings(
-                queue_s=generation.admitted - generation.arrived,
-                time_to_first_token_s=generation.first_event_at - generation.arrived,
-                total_s=now - generation.arrived,
-                tokens_per_s=(generated - 1) / decoding if generated > 1 and decoding > 0 else None,
-            ),
-            model=generation.version,
+        return Finish(
+            reason=reason,
+            prompt_tokens=sequence.prompt_length,
+            completion_tokens=generated,
+            queue_s=generation.admitted - generation.arrived,
+            time_to_first_token_s=generation.first_event_at - generation.arrived,
+            total_s=now - generation.arrived,
+            tokens_per_s=(generated - 1) / decoding if generated > 1 and decoding > 0 else None,
+            version=generation.version,
             seed=sequence.seed,
             prompt_truncated=sequence.prompt_truncated,
         )
@@ -396,7 +450,7 @@ class Engine:
             self._accepted -= 1
         GENERATIONS.labels(reason).inc()
 
-    def _fail_all(self, error: ApiError) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         with self._cond:
             leaving = [*self._waiting, *(g for lane in self._lanes for g in lane.running.values())]
             self._waiting.clear()

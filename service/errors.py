@@ -12,6 +12,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.engine import (
+    Busy,
+    DeadlinePassed,
+    EngineError,
+    GenerationFailed,
+    NoModel,
+    PromptRejected,
+    ShuttingDown,
+)
+
 log = logging.getLogger("slm.service")
 
 ERROR_TYPES = {
@@ -85,6 +95,22 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def from_engine(error: EngineError) -> ApiError:
+    """The HTTP answer to what the engine raised."""
+    match error:
+        case PromptRejected():
+            return ApiError(422, error.message, param="prompt")
+        case Busy():
+            return ApiError(429, error.message, headers={"Retry-After": str(error.retry_after_s)})
+        case DeadlinePassed():
+            return ApiError(504, error.message)
+        case NoModel() | ShuttingDown():
+            return ApiError(503, error.message)
+        case GenerationFailed():
+            return ApiError(500, error.message)
+    return ApiError(500, error.message)
+
+
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -129,6 +155,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             error.status, error.message, param=error.param, code=error.code, headers=error.headers
         )
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, error: EngineError) -> JSONResponse:
+        return await _api_error(request, from_engine(error))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:

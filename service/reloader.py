@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from fastapi import Request
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -49,11 +48,6 @@ REDIS_RETRY_S = (0.5, 1, 2, 5, 10)  # reconnect back-off while Redis is unreacha
 def version_of(meta_path: Path) -> str:
     """``<run>/<checkpoint name>``: how users, metrics and announcements name a checkpoint."""
     return checkpoint_version(meta_path.parent.name, meta_path.stem)
-
-
-def reloader_of(request: Request) -> Reloader:
-    """FastAPI dependency: the app's reloader (started by the generate group's lifespan)."""
-    return request.app.state.reloader
 
 
 @dataclass(frozen=True)

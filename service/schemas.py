@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from contract.settings import Settings
 from model.generate import FinishReason
 from model.sampling import MAX_SEED, SamplingParams
+from service.engine import Finish, TextPiece
 from service.errors import ApiError
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +35,16 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, description="0 is greedy decoding")
     top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0: off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="drop tokens less likely than min_p × the likeliest's"
+    )
     repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeats")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted from every token already generated"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted once per time a token was generated"
+    )
     stop: list[str] = Field(
         default_factory=list, description="end before the first of these (at most MAX_STOP_STRINGS)"
     )
@@ -49,7 +59,10 @@ class GenerateRequest(BaseModel):
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=self.seed,
         )
 
@@ -60,6 +73,10 @@ class Piece(BaseModel):
 
     text: str
     token_ids: list[int]
+
+    @classmethod
+    def of(cls, piece: TextPiece) -> Piece:
+        return cls(text=piece.text, token_ids=piece.token_ids)
 
 
 class Usage(BaseModel):
@@ -89,12 +106,41 @@ class Finished(BaseModel):
         description="the prompt was longer than the model's context; its last tokens were kept"
     )
 
+    @classmethod
+    def of(cls, finish: Finish) -> Finished:
+        return cls(**finished_fields(finish))
+
 
 class GenerateResponse(Finished):
     """The answer to ``stream: false``: the same content as a stream, in one JSON."""
 
     text: str
     token_ids: list[int]
+
+
+def usage_of(finish: Finish) -> Usage:
+    return Usage(
+        prompt_tokens=finish.prompt_tokens,
+        completion_tokens=finish.completion_tokens,
+        total_tokens=finish.prompt_tokens + finish.completion_tokens,
+    )
+
+
+def finished_fields(finish: Finish) -> dict[str, object]:
+    """A Finish record as the fields of ``Finished``."""
+    return {
+        "finish_reason": finish.reason,
+        "usage": usage_of(finish),
+        "timings": Timings(
+            queue_s=finish.queue_s,
+            time_to_first_token_s=finish.time_to_first_token_s,
+            total_s=finish.total_s,
+            tokens_per_s=finish.tokens_per_s,
+        ),
+        "model": finish.version,
+        "seed": finish.seed,
+        "prompt_truncated": finish.prompt_truncated,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +153,9 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(BaseModel):
     """OpenAI's legacy completions request. Fields OpenAI defines and this model cannot honour
-    (logprobs, penalties, best_of...) are ignored, as other OpenAI-compatible servers do, so
-    clients written for OpenAI keep working; ``top_k`` and ``repetition_penalty`` are extras."""
+    (logprobs, best_of...) are ignored, as other OpenAI-compatible servers do, so clients
+    written for OpenAI keep working; ``top_k``, ``min_p`` and ``repetition_penalty`` are extras,
+    as in vLLM and llama.cpp's server."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -118,7 +165,10 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = Field(1, ge=1, le=1, description="one completion per request")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -133,7 +183,10 @@ class CompletionRequest(BaseModel):
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=self.seed,
         )
 
@@ -196,7 +249,10 @@ def sampling_params(
     temperature: float,
     top_k: int | None,
     top_p: float,
+    min_p: float,
     repetition_penalty: float,
+    presence_penalty: float,
+    frequency_penalty: float,
     seed: int | None,
 ) -> SamplingParams:
     """SamplingParams within this deployment's limits. ``max_new_tokens`` is (the field's name
@@ -223,7 +279,10 @@ def sampling_params(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
         seed=seed,
         stop=tuple(stop),
     )

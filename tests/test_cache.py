@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import preset
@@ -28,7 +29,7 @@ def test_cached_decoding_matches_full_forward_at_every_position_batched() -> Non
     with torch.no_grad():
         for row, (tokens, length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
             hidden = model.forward_cached(
-                torch.tensor([tokens[:length]]), cache.prefill(row, length)
+                torch.tensor([tokens[:length]]), cache.extend(row, [0], [length])
             )
             expected = full_logits(model, tokens[:length])[-1]
             torch.testing.assert_close(hidden @ head.t(), expected[None], atol=1e-5, rtol=0)
@@ -48,12 +49,49 @@ def test_moving_a_row_keeps_its_sequence_intact() -> None:
     tokens = list(range(1000, 1012))
     cache = KVCache(config, max_batch=2)
     with torch.no_grad():
-        model.forward_cached(torch.tensor([tokens[:10]]), cache.prefill(1, 10))
-        cache.move_row(1, 0)
+        model.forward_cached(torch.tensor([tokens[:10]]), cache.extend(1, [0], [10]))
+        cache.move_rows(slice(1, 2), 0)
         logits = model.forward_cached(torch.tensor([[tokens[10]]]), cache.decode(1))
     expected = full_logits(model, tokens[:11])[-1]
     torch.testing.assert_close((logits @ model.lm_head.weight.t())[0], expected, atol=1e-5, rtol=0)
-    assert cache.lengths == [11, 0]
+    assert cache.lengths[0] == 11
+
+
+def test_one_padded_forward_encodes_prompts_and_chunks_exactly() -> None:
+    # Rows 0-1 hold 7 and 4 tokens already; one forward appends a 5-token chunk to row 0, a
+    # 2-token chunk to row 1 and a fresh 6-token prompt to row 2 (right-padded to 6).
+    torch.manual_seed(2)
+    config = preset("tiny")
+    model = sharp_model(config)
+    head = model.lm_head.weight
+    sequences = [torch.randint(0, 50257, (n,)).tolist() for n in (12, 6, 6)]
+    cache = KVCache(config, max_batch=3)
+    with torch.no_grad():
+        model.forward_cached(
+            torch.tensor([sequences[0][:7], sequences[1][:4] + [0] * 3]),
+            cache.extend(0, [0, 0], [7, 4]),
+        )
+        chunks = [[*sequences[0][7:12], 0], sequences[1][4:6] + [0] * 4, sequences[2]]
+        hidden = model.forward_cached(torch.tensor(chunks), cache.extend(0, [7, 4, 0], [5, 2, 6]))
+        for row, tokens in enumerate(sequences):
+            expected = full_logits(model, tokens)[-1]
+            torch.testing.assert_close(hidden[row] @ head.t(), expected, atol=1e-5, rtol=0)
+        assert cache.lengths == [12, 6, 6]
+        # and the rows decode on from there
+        step = [[sequences[0][-1]], [sequences[1][-1]], [sequences[2][-1]]]
+        logits = model.forward_cached(torch.tensor(step), cache.decode(3)) @ head.t()
+        for row, tokens in enumerate(sequences):
+            expected = full_logits(model, tokens + tokens[-1:])[-1]
+            torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=0)
+
+
+def test_writing_past_the_cache_is_refused() -> None:
+    cache = KVCache(preset("tiny"), max_batch=1)
+    cache.extend(0, [0], [60])
+    with pytest.raises(ValueError, match="slide its window"):
+        cache.extend(0, [60], [5])
+    with pytest.raises(ValueError, match="holds 60 tokens"):
+        cache.extend(0, [61], [1])
 
 
 def greedy(max_new_tokens: int = 90) -> SamplingParams:
@@ -61,7 +99,7 @@ def greedy(max_new_tokens: int = 90) -> SamplingParams:
 
 
 def run_to_end(generator: BatchGenerator, prompts: list[list[int]], params) -> list[list[int]]:
-    sequences = [generator.add(prompt, p)[0] for prompt, p in zip(prompts, params, strict=True)]
+    sequences = [generator.add(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
     while generator.rows:
         generator.step()
     return [s.generated for s in sequences]

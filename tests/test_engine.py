@@ -14,10 +14,8 @@ from servers import wait_for, write_checkpoint
 from contract.settings import Settings
 from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams
-from service.engine import Engine
-from service.errors import ApiError
+from service.engine import Busy, DeadlinePassed, Engine, Finish, PromptRejected, Story, TextPiece
 from service.loaded import LoadedModel
-from service.schemas import Finished, GenerateResponse, Piece
 
 PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun", "Lily and her mom went to"]
 
@@ -61,8 +59,8 @@ def test_a_story_is_the_same_alone_or_among_fifteen_others(start_engine, tempera
     engine = start_engine(max_batch_size=16)
     params = SamplingParams(max_new_tokens=40, temperature=temperature, top_k=50, seed=42)
 
-    async def scenario() -> tuple[GenerateResponse, list[GenerateResponse]]:
-        alone = await (await engine.submit(PROMPTS[0], params)).result()
+    async def scenario() -> tuple[Story, list[Story]]:
+        alone = await (await engine.submit(PROMPTS[0], params)).story()
         crowd = [
             engine.submit(PROMPTS[i % 4] + " x" * i, SamplingParams(max_new_tokens=30 + i, seed=i))
             for i in range(15)
@@ -70,7 +68,7 @@ def test_a_story_is_the_same_alone_or_among_fifteen_others(start_engine, tempera
         generations = await asyncio.gather(
             *crowd[:7], engine.submit(PROMPTS[0], params), *crowd[7:]
         )
-        return alone, await asyncio.gather(*(g.result() for g in generations))
+        return alone, await asyncio.gather(*(g.story() for g in generations))
 
     alone, batched = run(scenario())
     assert batched[7].token_ids == alone.token_ids
@@ -86,32 +84,32 @@ def test_streams_in_flight_finish_on_their_model_while_new_ones_get_the_new(
     long_story = SamplingParams(max_new_tokens=1500, temperature=0)
     order: list[str] = []
 
-    async def consume(events: AsyncIterator[Piece | Finished], name: str) -> Finished:
-        async for item in events:
-            if isinstance(item, Finished):
+    async def consume(records: AsyncIterator[TextPiece | Finish], name: str) -> Finish:
+        async for item in records:
+            if isinstance(item, Finish):
                 order.append(f"{name} finished")
                 return item
             if not order or order[-1] != f"{name} streams":
                 order.append(f"{name} streams")
-        raise AssertionError("no Finished event")
+        raise AssertionError("no Finish record")
 
-    async def scenario() -> tuple[Finished, Finished, GenerateResponse]:
-        old_events = (await engine.submit(PROMPTS[0], long_story)).events()
-        assert isinstance(await anext(old_events), Piece)
+    async def scenario() -> tuple[Finish, Finish, Story]:
+        old_records = (await engine.submit(PROMPTS[0], long_story)).records()
+        assert isinstance(await anext(old_records), TextPiece)
         await asyncio.to_thread(engine.install, load(tmp_path / "run-b", seed=1))
         new = await engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0))
         finished_new, finished_old = await asyncio.gather(
-            consume(new.events(), "new"), consume(old_events, "old")
+            consume(new.records(), "new"), consume(old_records, "old")
         )
-        replay = await (await engine.submit(PROMPTS[0], long_story)).result()
+        replay = await (await engine.submit(PROMPTS[0], long_story)).story()
         return finished_old, finished_new, replay
 
     finished_old, finished_new, replay_on_new = run(scenario())
-    assert finished_old.model == old_version
-    assert finished_new.model == "run-b/step-00000001"
+    assert finished_old.version == old_version
+    assert finished_new.version == "run-b/step-00000001"
     assert order.index("new finished") < order.index("old finished")  # they ran side by side
-    assert finished_old.usage.completion_tokens == 1500
-    assert replay_on_new.model == "run-b/step-00000001"
+    assert finished_old.completion_tokens == 1500
+    assert replay_on_new.finish.version == "run-b/step-00000001"
 
 
 def test_a_client_that_leaves_frees_its_slot_at_the_next_step(start_engine) -> None:
@@ -121,9 +119,9 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_step(start_engine) -> N
     async def scenario() -> None:
         long_story = SamplingParams(max_new_tokens=1024, temperature=0)  # no early end_of_text
         generation = await engine.submit(PROMPTS[1], long_story)
-        events = generation.events()
-        await anext(events)
-        await events.aclose()  # what a disconnect does to the stream
+        records = generation.records()
+        await anext(records)
+        await records.aclose()  # what a disconnect does to the stream
 
     run(scenario())
     wait_for(
@@ -140,22 +138,21 @@ def test_beyond_the_batch_and_the_queue_requests_get_429_with_retry_after(start_
     engine = start_engine(max_batch_size=1, max_waiting=1)
     long_story = SamplingParams(max_new_tokens=1024, temperature=0)
 
-    async def scenario() -> ApiError:
+    async def scenario() -> Busy:
         running = await engine.submit(PROMPTS[0], long_story)
         waiting = await engine.submit(PROMPTS[1], long_story)
         try:
-            with pytest.raises(ApiError) as refused:
+            with pytest.raises(Busy) as refused:
                 await engine.submit(PROMPTS[2], long_story)
         finally:
             engine.cancel(running)
             engine.cancel(waiting)
         # Cancelled requests give their places back.
-        await (await engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=2))).result()
+        await (await engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=2))).story()
         return refused.value
 
     refused = run(scenario())
-    assert refused.status == 429
-    assert refused.headers == {"Retry-After": "1"}
+    assert refused.retry_after_s == 1
 
 
 def test_a_story_past_its_deadline_ends_with_504(start_engine) -> None:
@@ -164,21 +161,20 @@ def test_a_story_past_its_deadline_ends_with_504(start_engine) -> None:
     async def scenario() -> None:
         never_ending = SamplingParams(max_new_tokens=100_000, temperature=0)
         generation = await engine.submit(PROMPTS[0], never_ending)
-        await generation.result()
+        await generation.story()
 
-    with pytest.raises(ApiError) as timed_out:
+    with pytest.raises(DeadlinePassed) as timed_out:
         run(scenario())
-    assert timed_out.value.status == 504
     assert "REQUEST_TIMEOUT_S" in timed_out.value.message
 
 
 def test_a_prompt_above_max_prompt_tokens_is_refused_naming_the_prompt(start_engine) -> None:
     engine = start_engine(max_prompt_tokens=10)
 
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(PromptRejected) as refused:
         run(
             engine.submit(
                 "one two three four five six seven eight nine ten eleven", SamplingParams()
             )
         )
-    assert (refused.value.status, refused.value.param) == (422, "prompt")
+    assert refused.value.message.startswith("prompt: ")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from model import preset
+from model import GPT, preset
 from model.generate import BatchGenerator, StopStrings, complete, generate
 from model.sampling import SamplingParams
 from tests.conftest import sharp_model
@@ -19,7 +21,7 @@ PROMPTS = [
 
 
 def run_to_end(generator: BatchGenerator, requests):
-    sequences = [generator.add(generator.encode_prompt(p), params)[0] for p, params in requests]
+    sequences = [generator.add(generator.encode_prompt(p), params) for p, params in requests]
     while generator.rows:
         generator.step()
     return sequences
@@ -38,6 +40,79 @@ def test_a_story_is_the_same_alone_or_among_fifteen_others(tiny_model, temperatu
     )
     assert batched[7].generated == alone.generated
     assert len(alone.generated) == 40
+
+
+def flat_model() -> GPT:
+    """A freshly initialised model: near-uniform logits, where batched float rounding reorders
+    near-equal tokens at every step (what a briefly trained model also looks like)."""
+    torch.manual_seed(0)
+    return GPT(preset("tiny")).eval()
+
+
+NEIGHBOUR_PARAMS = [
+    SamplingParams(max_new_tokens=50, temperature=0),
+    SamplingParams(max_new_tokens=70, temperature=1.0),
+    SamplingParams(max_new_tokens=30, temperature=0.7, top_k=5, repetition_penalty=1.2),
+    SamplingParams(max_new_tokens=90, temperature=0.9, top_p=0.5, min_p=0.1),
+    SamplingParams(max_new_tokens=60, temperature=1.1, presence_penalty=1.0, frequency_penalty=0.5),
+]
+
+
+FLAT_CASES = {  # top-p and top-k against 15 and 63 neighbours; every other knob against 15
+    "top-p": SamplingParams(max_new_tokens=80, temperature=0.9, top_p=0.95),
+    "top-k": SamplingParams(max_new_tokens=80, temperature=0.9, top_k=50),
+    "plain": SamplingParams(max_new_tokens=80, temperature=0.8),
+    "min-p": SamplingParams(max_new_tokens=80, temperature=0.9, min_p=0.0001),
+    "penalties": SamplingParams(max_new_tokens=80, temperature=0.9, frequency_penalty=1.0),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "neighbours"),
+    [(case, 15) for case in FLAT_CASES] + [("top-p", 63), ("top-k", 63)],
+)
+def test_seeded_stories_on_a_flat_model_are_the_same_alone_or_among_neighbours(
+    case, neighbours
+) -> None:
+    # Six seeded stories, each told alone, then together with the others and with neighbours
+    # that use every other knob, some already decoding when they arrive.
+    model = flat_model()
+    stories = [(PROMPTS[seed % 4], replace(FLAT_CASES[case], seed=seed)) for seed in range(6)]
+    alone = [run_to_end(BatchGenerator(model), [story])[0] for story in stories]
+    generator = BatchGenerator(model, max_batch=neighbours + 1, prefill_tokens=64)
+    crowd = [
+        (PROMPTS[i % 4] + " x" * i, replace(NEIGHBOUR_PARAMS[i % 5], seed=100 + i))
+        for i in range(neighbours + 1 - len(stories))
+    ]
+    early = crowd[: len(crowd) // 2]
+    for prompt, neighbour_params in early:
+        generator.add(generator.encode_prompt(prompt), neighbour_params)
+    for _ in range(3):
+        generator.step()
+    batched = run_to_end(generator, [*stories, *crowd[len(early) :]])[: len(stories)]
+    assert [s.generated for s in batched] == [s.generated for s in alone]
+    assert all(len(s.generated) == 80 for s in alone)  # past the 64-token window: slides too
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_stories_keep_streaming(
+    tiny_model, tokenizer
+) -> None:
+    generator = BatchGenerator(tiny_model, max_batch=2, prefill_tokens=16)
+    running = generator.add(tokenizer.encode("Once"), SamplingParams(max_new_tokens=200))
+    generator.step()
+    long_prompt = tokenizer.encode(" ".join(["the cat sat on the mat"] * 9))[:60]
+    arriving = generator.add(long_prompt, SamplingParams(max_new_tokens=5, temperature=0))
+    steps = 0
+    while not arriving.generated:
+        events = generator.step()
+        steps += 1
+        assert [e.sequence_id for e in events if e.sequence_id == running.id] == [running.id]
+    assert steps == 4  # 60 tokens in chunks of at most 16
+    solo = BatchGenerator(tiny_model)
+    (expected,) = run_to_end(solo, [(tokenizer.decode(long_prompt), arriving.params)])
+    while generator.rows:
+        generator.step()
+    assert arriving.generated == expected.generated
 
 
 def test_same_seed_same_story_and_another_seed_another(tiny_model) -> None:
@@ -110,10 +185,10 @@ def test_a_prompt_longer_than_the_window_keeps_its_last_tokens(tiny_model, token
     assert len(prompt) > 64
     params = SamplingParams(max_new_tokens=10, temperature=0)
     generator = BatchGenerator(tiny_model)
-    long, _ = generator.add(prompt, params)
+    long = generator.add(prompt, params)
     while generator.rows:
         generator.step()
-    short, _ = generator.add(prompt[-64:], params)
+    short = generator.add(prompt[-64:], params)
     while generator.rows:
         generator.step()
     assert long.prompt_truncated and not short.prompt_truncated
@@ -132,8 +207,8 @@ def test_newcomers_join_and_leavers_do_not_disturb_the_batch(tiny_model) -> None
     params = SamplingParams(max_new_tokens=30, temperature=0)
     (solo,) = run_to_end(BatchGenerator(tiny_model), [(PROMPTS[3], params)])
     generator = BatchGenerator(tiny_model, max_batch=3)
-    target, _ = generator.add(generator.encode_prompt(PROMPTS[3]), params)
-    leaver, _ = generator.add(generator.encode_prompt(PROMPTS[0]), params)
+    target = generator.add(generator.encode_prompt(PROMPTS[3]), params)
+    leaver = generator.add(generator.encode_prompt(PROMPTS[0]), params)
     for _ in range(5):
         generator.step()
     generator.remove(leaver.id)  # its client went away

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from service.auth import require_admin
+from service.dependencies import reloader_of
 from service.errors import error_responses
-from service.reloader import Reloader, reloader_of
+from service.reloader import Reloader
 from service.schemas import ReloadReport
 
 router = APIRouter(

@@ -3,41 +3,32 @@
 Events: ``token`` with a ``Piece`` (text and the token ids that released it) for each piece of
 text, then ``done`` with ``Finished`` (finish reason, usage, timings, model version, seed); a
 failure after the stream began (the deadline passed) arrives as ``error`` with the usual error
-JSON. This group also owns the engine and the reloader that every generating route shares.
+JSON.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.auth import require_api_key, settings_of
-from service.engine import Engine, Generation, engine_of
-from service.errors import ApiError, error_body, error_responses
+from service.dependencies import engine_of
+from service.engine import Engine, EngineError, Generation, TextPiece
+from service.errors import error_body, error_responses, from_engine
 from service.limits import require_json
-from service.reloader import Reloader
-from service.schemas import GenerateRequest, GenerateResponse, Piece
+from service.schemas import (
+    Finished,
+    GenerateRequest,
+    GenerateResponse,
+    Piece,
+    finished_fields,
+)
 
 router = APIRouter(tags=["generate"])
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    engine = Engine(app.state.settings)
-    engine.start()
-    reloader = Reloader(app.state.settings, engine)
-    app.state.engine, app.state.reloader = engine, reloader
-    await reloader.start()
-    try:
-        yield
-    finally:
-        await reloader.stop()
-        engine.stop()
 
 
 @router.post(
@@ -55,14 +46,20 @@ async def generate(
     generation = await engine.submit(body.prompt, body.sampling(settings_of(request)))
     if body.stream:
         return EventSourceResponse(_events(generation))
-    return await generation.result()
+    story = await generation.story()
+    return GenerateResponse(
+        text=story.text, token_ids=story.token_ids, **finished_fields(story.finish)
+    )
 
 
 async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     try:
-        async for item in generation.events():
-            kind = "token" if isinstance(item, Piece) else "done"
-            yield ServerSentEvent(item.model_dump_json(), event=kind)
-    except ApiError as error:
+        async for record in generation.records():
+            if isinstance(record, TextPiece):
+                yield ServerSentEvent(Piece.of(record).model_dump_json(), event="token")
+            else:
+                yield ServerSentEvent(Finished.of(record).model_dump_json(), event="done")
+    except EngineError as failure:
+        error = from_engine(failure)
         body = error_body(error.status, error.message, error.param, error.code)
         yield ServerSentEvent(json.dumps(body), event="error")

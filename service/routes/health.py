@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.engine import Engine, engine_of, no_model_message
+from service.dependencies import engine_of
+from service.engine import Engine, no_model_message
 from service.errors import ApiError, error_responses
 from service.schemas import Readiness
 

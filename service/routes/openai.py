@@ -19,8 +19,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from model.generate import FinishReason
 from service.auth import require_api_key, settings_of
-from service.engine import Engine, Generation, engine_of
-from service.errors import ApiError, error_body, error_responses
+from service.dependencies import engine_of
+from service.engine import Engine, EngineError, Generation, TextPiece
+from service.errors import error_body, error_responses, from_engine
 from service.limits import require_json
 from service.schemas import (
     Completion,
@@ -28,7 +29,7 @@ from service.schemas import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Piece,
+    usage_of,
 )
 
 router = APIRouter(
@@ -71,10 +72,14 @@ async def completions(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventSourceResponse(_chunks(generation, completion_id, created, include_usage))
-    result = await generation.result()
-    choice = CompletionChoice(text=result.text, finish_reason=openai_reason(result.finish_reason))
+    story = await generation.story()
+    choice = CompletionChoice(text=story.text, finish_reason=openai_reason(story.finish.reason))
     return Completion(
-        id=completion_id, created=created, model=result.model, choices=[choice], usage=result.usage
+        id=completion_id,
+        created=created,
+        model=story.finish.version,
+        choices=[choice],
+        usage=usage_of(story.finish),
     )
 
 
@@ -90,15 +95,16 @@ async def _chunks(
         return ServerSentEvent(completion.model_dump_json())
 
     try:
-        async for item in generation.events():
-            if isinstance(item, Piece):
-                if item.text:
-                    yield chunk([CompletionChoice(text=item.text, finish_reason=None)])
+        async for record in generation.records():
+            if isinstance(record, TextPiece):
+                if record.text:
+                    yield chunk([CompletionChoice(text=record.text, finish_reason=None)])
                 continue
-            reason = openai_reason(item.finish_reason)
+            reason = openai_reason(record.reason)
             yield chunk([CompletionChoice(text="", finish_reason=reason)])
             if include_usage:
-                yield chunk([], usage=item.usage)
-    except ApiError as error:
+                yield chunk([], usage=usage_of(record))
+    except EngineError as failure:
+        error = from_engine(failure)
         yield ServerSentEvent(json.dumps(error_body(error.status, error.message, error.param)))
     yield ServerSentEvent("[DONE]")
