@@ -140,8 +140,8 @@ class LlamaCppDecoder:
         ]
         try:
             for _ in range(new_tokens):
-                self._run(batch)
-                for sequence, token in zip(tokens, pick(len(prompts)), strict=True):
+                outputs = self._run(batch)
+                for sequence, token in zip(tokens, pick(outputs), strict=True):
                     sequence.append(token)
                 batch = [(s[-1], len(s) - 1, seq, True) for seq, s in enumerate(tokens)]
         finally:
@@ -166,18 +166,19 @@ class LlamaCppDecoder:
             lib.llama_sampler_chain_add(chain, sampler)
         return chain
 
-    def _sample(self, samplers: list, outputs: int) -> list[int]:
+    def _sample(self, samplers: list, outputs: list[int]) -> list[int]:
         return [
-            self._lib.llama_sampler_sample(sampler, self._context, i)
-            for i, sampler in enumerate(samplers[:outputs])
+            self._lib.llama_sampler_sample(sampler, self._context, index)
+            for index, sampler in zip(outputs, samplers, strict=True)
         ]
 
-    def _argmax(self, outputs: int) -> list[int]:
+    def _argmax(self, outputs: list[int]) -> list[int]:
         logits = self._lib.llama_get_logits(self._context)  # outputs in batch order
-        return np.ctypeslib.as_array(logits, (outputs, self._vocab_size)).argmax(1).tolist()
+        return np.ctypeslib.as_array(logits, (len(outputs), self._vocab_size)).argmax(1).tolist()
 
-    def _run(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """Run (token, position, sequence, wants logits) entries."""
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Run (token, position, sequence, wants logits) entries; the batch indices of the
+        entries that want logits (one per sequence, in sequence order)."""
         batch = self._batch
         batch.n_tokens = len(entries)
         for i, (token, position, seq, wants_logits) in enumerate(entries):
@@ -188,6 +189,7 @@ class LlamaCppDecoder:
             batch.logits[i] = wants_logits
         if (status := self._lib.llama_decode(self._context, batch)) != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        return [i for i, (*_, wants_logits) in enumerate(entries) if wants_logits]
 
     def close(self) -> None:
         self._lib.llama_batch_free(self._batch)

@@ -152,6 +152,22 @@ def decode_threads(configured: int) -> int:
     return configured or len(os.sched_getaffinity(0))
 
 
+def use_torch_threads(count: int) -> None:
+    """Set the calling thread's torch (OpenMP) thread count.
+
+    Two traps, both measured (BENCHMARKS.md): torch sets a thread's count lazily, at its first
+    parallel op, to the value any thread set last, so a count set before that op is undone
+    (the decode thread decoded on one core after a checkpoint loaded on another thread); hence
+    the ``get_num_threads`` first. And a thread that runs parallel ops keeps OpenMP threads of
+    its own: once the process holds more of them than cores, libgomp stops them spinning between
+    ops, and every decode step waits for sleeping threads to wake (6.8 → 9.9 ms at batch 1).
+    So the decode thread takes every core and any other thread that runs torch (loading a
+    checkpoint, building a lane) takes one.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 @dataclass(eq=False)  # identity: a request is itself, whatever it holds
 class Generation:
     """One request in the engine. The route iterates ``records()``; everything else is written
@@ -202,10 +218,8 @@ class Generation:
         raise AssertionError("records() always ends with a Finish or raises")
 
     def send(self, item: TextPiece | Finish | EngineError) -> None:
-        """From the decode thread to the request's event loop."""
-        # A closed event loop means the server is gone and nobody listens.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From the decode thread: queued for the request's event loop at the end of the step."""
+        self.engine._outbox.append((self, item))
 
 
 @dataclass(eq=False)
@@ -228,6 +242,7 @@ class Engine:
         self._stopping = False
         # The decode thread's own:
         self._lanes: list[Lane] = []
+        self._outbox: list[tuple[Generation, TextPiece | Finish | EngineError]] = []
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
 
     # --- the event loop's side ---------------------------------------------------------------
@@ -239,7 +254,6 @@ class Engine:
         return lane.loaded if lane else None
 
     def start(self) -> None:
-        torch.set_num_threads(decode_threads(self.settings.decode_threads))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -315,6 +329,7 @@ class Engine:
     # --- the decode thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        use_torch_threads(decode_threads(self.settings.decode_threads))
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -338,7 +353,20 @@ class Engine:
                 # An older model's lane goes once its last story is done.
                 self._lanes = [each for each in self._lanes if each.running or each is lane]
                 RUNNING.set(self._running())
+                self._flush()
         self._fail_all(ShuttingDown("the server is shutting down"))
+
+    def _flush(self) -> None:
+        """Hand this step's records to their event loops in one call per loop: one wake-up per
+        step instead of one per token (a step of 64 streams is 64 records)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for generation, item in self._outbox:
+            by_loop.setdefault(generation.loop, []).append((generation.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            # A closed event loop means the server is gone and nobody listens.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _running(self) -> int:
         return sum(len(lane.running) for lane in self._lanes)
@@ -459,5 +487,11 @@ class Engine:
             for generation in leaving:
                 generation.send(error)
                 self._release("error")
+        self._flush()
         RUNNING.set(0)
         WAITING.set(0)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

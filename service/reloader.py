@@ -35,7 +35,7 @@ from contract.jobs import (
 from contract.settings import Settings
 from model.checkpoint import CheckpointError, load_checkpoint, newest_checkpoint
 from model.device import pick_device
-from service.engine import Engine, no_model_message
+from service.engine import Engine, no_model_message, use_torch_threads
 from service.loaded import LoadedModel
 from service.metrics import RELOADS
 from service.schemas import ReloadOutcome, ReloadReport
@@ -127,6 +127,7 @@ class Reloader:
             return None
 
     def _load(self, path: Path, version: str) -> LoadedModel:
+        use_torch_threads(1)
         model, meta = load_checkpoint(path, device=pick_device(self.settings.device))
         loaded = LoadedModel(model=model, meta=meta, path=path, version=version)
         self.engine.install(loaded)
