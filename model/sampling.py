@@ -145,9 +145,10 @@ class _Groups:
 
     all_greedy: bool
     greedy: bool
-    plain: Tensor | None  # row indices (within the call)
-    filtered: Tensor | None
+    plain: Tensor | slice | None  # the rows (within the call): indices, or all of them
+    filtered: Tensor | slice | None
     candidates: int  # how many best tokens the filtered rows need at most
+    unbounded: bool  # some filtered row has top-p or min-p but no top-k
     penalised: bool
 
 
@@ -264,13 +265,12 @@ class BatchSampler:
         draw_keys = mix32(self.keys[rows] ^ mix32(self.draws[rows]))
         if groups.plain is not None:
             index = groups.plain
-            scaled = self._scaled(logits[index], index + rows.start)
+            scaled = self._scaled(logits[index], self._rows(index, rows))
             picks[index] = self._draw_from_vocabulary(scaled, draw_keys[index])
         if groups.filtered is not None:
             index = groups.filtered
-            scaled = self._scaled(logits[index], index + rows.start)
             picks[index] = self._draw_among_candidates(
-                scaled, index + rows.start, draw_keys[index], groups.candidates
+                logits[index], self._rows(index, rows), draw_keys[index], groups
             )
         return picks
 
@@ -296,16 +296,27 @@ class BatchSampler:
         groups = _Groups(
             all_greedy=not plain and not filtered,
             greedy=len(plain) + len(filtered) < len(params),
-            plain=self._index(plain),
-            filtered=self._index(filtered),
+            plain=self._index(plain, len(params)),
+            filtered=self._index(filtered, len(params)),
             candidates=max((needs[i] for i in filtered), default=0),
+            unbounded=any(not params[i].top_k for i in filtered),
             penalised=any(p.penalised for p in params),
         )
         self._groups_cache = (cache_key, groups)
         return groups
 
-    def _index(self, rows: list[int]) -> Tensor | None:
-        return torch.tensor(rows, dtype=torch.long, device=self.device) if rows else None
+    def _index(self, rows: list[int], count: int) -> Tensor | slice | None:
+        """Rows of a call as an index: none, all of them (a slice: no gather), or some."""
+        if not rows:
+            return None
+        if len(rows) == count:
+            return slice(None)
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _rows(index: Tensor | slice, rows: slice) -> Tensor | slice:
+        """The sampler rows of a group, from its index within the call."""
+        return rows if isinstance(index, slice) else index + rows.start
 
     def _penalise(self, logits: Tensor, rows: slice) -> Tensor:
         seen, counts = self._penalty_state()
@@ -324,7 +335,7 @@ class BatchSampler:
             - self.frequency[rows, None] * generated
         )
 
-    def _scaled(self, logits: Tensor, rows: Tensor) -> Tensor:
+    def _scaled(self, logits: Tensor, rows: Tensor | slice) -> Tensor:
         # Extreme but valid settings (a temperature of 1e-300 is 0 in float32, 1e300 is inf) can
         # give inf or nan logits; clamped to the finite range, the draw goes to the best tokens,
         # the limit those settings tend to.
@@ -340,22 +351,28 @@ class BatchSampler:
         return picks.clamp_(max=self.vocab_size - 1)
 
     def _draw_among_candidates(
-        self, scaled: Tensor, rows: Tensor, draw_keys: Tensor, candidates: int
+        self, logits: Tensor, rows: Tensor | slice, draw_keys: Tensor, groups: _Groups
     ) -> Tensor:
-        """Top-k, then top-p, then min-p, then an exponential race keyed on token ids."""
+        """Top-k, then top-p, then min-p, then an exponential race keyed on token ids. A
+        temperature does not change which tokens are best, so it scales the candidates only,
+        unless a row normalises over the whole vocabulary."""
         top_k, top_p = self.top_k[rows], self.top_p[rows]
         log_min_p = self.log_min_p[rows]
-        values, tokens = torch.topk(scaled, candidates)
         unbounded = top_k == 0
         whole = None
-        if bool(unbounded.any()):
+        if groups.unbounded:
             # Rows without top-k normalise over the whole vocabulary; if their nucleus (or
             # min-p set) reaches past the candidates, sort everything.
+            scaled = self._scaled(logits, rows)
+            values, tokens = torch.topk(scaled, groups.candidates)
             whole = torch.logsumexp(scaled, dim=-1)
             mass = torch.exp(values - whole[:, None]).sum(dim=-1)
             covered = (mass >= top_p) | (values[:, -1] < values[:, 0] + log_min_p)
             if not bool((covered | ~unbounded).all()):
                 values, tokens = torch.sort(scaled, dim=-1, descending=True)
+        else:
+            values, tokens = torch.topk(logits, groups.candidates)
+            values = self._scaled(values, rows)
         rank = torch.arange(values.shape[-1], device=values.device)
         keep = unbounded[:, None] | (rank < top_k[:, None])
         kept = values.masked_fill(~keep, -math.inf)

@@ -35,13 +35,13 @@ def _check(request: Request, key: str) -> None:
         raise ApiError(401, "invalid API key", headers=CHALLENGE)
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     key = settings_of(request).api_key
     if key is not None:
         _check(request, key.get_secret_value())
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     key = settings_of(request).api_key
     if key is None:
         raise ApiError(403, "admin routes are disabled: set API_KEY to enable them")

@@ -56,6 +56,9 @@ log = logging.getLogger("slm.engine")
 
 # A slot frees as soon as any running story ends, which on this model is a matter of seconds.
 RETRY_AFTER_S = 1
+# Shorter prompts are tokenized on the event loop (tens of microseconds): a thread hop per
+# request would cost more.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 # --- what the engine raises -------------------------------------------------------------------
@@ -286,8 +289,10 @@ class Engine:
         lane = self._current
         if lane is None:
             raise NoModel(no_model_message(self.settings))
-        # Tokenizing a prompt near the body limit takes tens of milliseconds: not on the loop.
-        ids = await asyncio.to_thread(lane.generator.encode_prompt, prompt)
+        if len(prompt) <= INLINE_TOKENIZE_CHARS:
+            ids = lane.generator.encode_prompt(prompt)
+        else:  # a prompt near the body limit takes tens of milliseconds: not on the loop
+            ids = await asyncio.to_thread(lane.generator.encode_prompt, prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise PromptRejected(
                 f"prompt: {len(ids)} tokens is above this server's limit of "

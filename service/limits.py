@@ -103,7 +103,7 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """A dependency of routes that take a body: one sent with another Content-Type is a 415, not
     a confusing validation error. (No Content-Type at all is refused the same way.)"""
     has_body = request.headers.get("content-length", "0") != "0" or (
