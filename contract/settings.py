@@ -85,11 +85,11 @@ class Settings(BaseSettings):
         "block_size tokens of shorter ones)",
     )
     prefill_tokens: int = Field(
-        512,
+        256,
         ge=16,
         le=65_536,
-        description="tokens (prompts × padded length) in one prefill forward: a burst of "
-        "arrivals joins in one, a longer prompt is encoded in chunks between decode steps",
+        description="tokens (prompts × padded length) in one prefill forward: arrivals join "
+        "together, a longer prompt is encoded in chunks between decode steps",
     )
     max_stop_strings: int = Field(8, ge=0, le=64)
     decode_threads: int = Field(

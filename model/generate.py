@@ -138,7 +138,7 @@ class BatchGenerator:
         max_batch: int = 1,
         use_cache: bool = True,
         quantization: str = "none",
-        prefill_tokens: int = 512,
+        prefill_tokens: int = 256,
     ) -> None:
         if model.training:
             raise ValueError("call model.eval() before generating (dropout would be active)")
@@ -273,13 +273,14 @@ class BatchGenerator:
         while prompts × padded length stays within ``prefill_tokens``; the first in the queue
         always advances, by at most that many tokens. Returns the final activations of the
         prompts now fully encoded (a prefix of the queue), or None."""
+        budget = self.prefill_tokens
         chunks: list[tuple[Sequence, int]] = []
         width = 0
         for sequence in self.rows[self.decoding :]:
             remaining = len(sequence.window) - sequence.encoded
-            if chunks and (len(chunks) + 1) * max(width, remaining) > self.prefill_tokens:
+            if chunks and (len(chunks) + 1) * max(width, remaining) > budget:
                 break
-            count = min(remaining, self.prefill_tokens)
+            count = min(remaining, budget)
             chunks.append((sequence, count))
             width = max(width, count)
         if not chunks:

@@ -115,6 +115,18 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_stories_keep_streami
     assert arriving.generated == expected.generated
 
 
+def test_arrivals_are_prefilled_together_within_the_token_budget(tiny_model, tokenizer) -> None:
+    generator = BatchGenerator(tiny_model, max_batch=12, prefill_tokens=32)
+    prompt = tokenizer.encode("Once upon a time there was a dog")  # 8 tokens
+    params = SamplingParams(max_new_tokens=50, temperature=0)
+    arrivals = [generator.add(prompt, params) for _ in range(6)]
+    first = generator.step()  # 4 prompts × 8 tokens fill one forward's 32
+    assert sorted(e.sequence_id for e in first) == [s.id for s in arrivals[:4]]
+    second = generator.step()  # the 4 decode, the other 2 join them
+    assert sorted(e.sequence_id for e in second) == [s.id for s in arrivals]
+    assert arrivals[5].generated == arrivals[0].generated[:1]
+
+
 def test_same_seed_same_story_and_another_seed_another(tiny_model) -> None:
     def story(seed: int) -> str:
         return complete(

@@ -62,3 +62,16 @@ def test_sdk_errors_carry_the_status_and_the_field(server, client) -> None:
     anonymous = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
+
+
+def test_presence_and_frequency_penalties_and_min_p_change_a_seeded_completion(client) -> None:
+    request = {"model": "any", "prompt": "Once upon a time", "max_tokens": 40, "seed": 3}
+    plain = client.completions.create(**request).choices[0].text
+    assert client.completions.create(**request).choices[0].text == plain  # seeded: replayable
+    for knob in (
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+        {"extra_body": {"min_p": 0.5}},  # an extra, as vLLM and llama.cpp's server take it
+    ):
+        changed = client.completions.create(**request, **knob).choices[0].text
+        assert changed != plain, knob
