@@ -37,13 +37,13 @@ from pathlib import Path
 
 import httpx
 import torch
+from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P  # bench/decode.py: the same sampled chain
 
 from contract.broker import free_port
 
 PROMPT = "Once upon a time, there was a little girl who loved to"
 # Nearly a whole 512-token context: the prompt that arrives while streams are running.
 LONG_PROMPT = "Once upon a time there was a little girl named Lily who loved to play. " * 28
-TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
 MODES = ("sampled", "greedy")
 
 
