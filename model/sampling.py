@@ -20,10 +20,12 @@ the draw must not hinge on the order of near-equal logits:
   Gumbel-max trick, which picks token i with probability p_i). Sorting only decides which tokens
   are candidates; two near-equal tokens that swap places in the sort keep their own noise, so the
   winner is unchanged. A token whose logit lies within rounding of a cut-off can fall in or out,
-  and that changes the story only if it would have won.
+  and that changes the story only if it would have won. (An inverse-CDF draw would not survive
+  that: one token in or out shifts every boundary after it.)
 - Without filters the draw is the inverse of the cumulative distribution taken in vocabulary
-  order (a fixed order, not a sorted one): rounding moves the boundaries by ~1e-6, so a draw
-  changes only if its uniform lies that close to one.
+  order (a fixed order, not a sorted one; the running sum in float64 so that its own rounding
+  adds nothing): rounding moves the boundaries by ~1e-6, so a draw changes only if its uniform
+  lies that close to one. One uniform per row instead of noise for 50,257 tokens keeps it cheap.
 - Greedy decoding is an argmax; it differs only if the two best logits are within rounding.
 
 tests/test_generate.py checks exact stories alone against 15 and 63 neighbours on a flat,
