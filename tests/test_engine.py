@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import REGISTRY
 from servers import wait_for, write_checkpoint
 
 from contract.settings import Settings
 from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams
-from service.engine import Busy, DeadlinePassed, Engine, Finish, PromptRejected, Story, TextPiece
+from service.engine import (
+    Busy,
+    DeadlinePassed,
+    Engine,
+    Finish,
+    PromptRejected,
+    Story,
+    TextPiece,
+    use_torch_threads,
+)
 from service.loaded import LoadedModel
 
 PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun", "Lily and her mom went to"]
@@ -178,3 +189,23 @@ def test_a_prompt_above_max_prompt_tokens_is_refused_naming_the_prompt(start_eng
             )
         )
     assert refused.value.message.startswith("prompt: ")
+
+
+def test_the_decode_thread_keeps_its_thread_count_when_another_thread_sets_one() -> None:
+    # What the reloader does: load a checkpoint on a pool thread with one torch thread, after
+    # the decode thread chose its own. Torch fixes a thread's count lazily from the last value
+    # any thread set, which once left the server decoding on one core.
+    def decode_thread() -> int:
+        use_torch_threads(2)
+        loader = threading.Thread(target=use_torch_threads, args=(1,))
+        loader.start()
+        loader.join()
+        torch.ones(1 << 20).sum()  # the first parallel op
+        return torch.get_num_threads()
+
+    counts: list[int] = []
+    decoder = threading.Thread(target=lambda: counts.append(decode_thread()))
+    decoder.start()
+    decoder.join()
+    torch.set_num_threads(torch.get_num_threads())  # the process-wide default back as it was
+    assert counts == [2]
