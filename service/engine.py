@@ -220,10 +220,6 @@ class Generation:
                 )
         raise AssertionError("records() always ends with a Finish or raises")
 
-    def send(self, item: TextPiece | Finish | EngineError) -> None:
-        """From the decode thread: queued for the request's event loop at the end of the step."""
-        self.engine._outbox.append((self, item))
-
 
 @dataclass(eq=False)
 class Lane:
@@ -361,6 +357,10 @@ class Engine:
                 self._flush()
         self._fail_all(ShuttingDown("the server is shutting down"))
 
+    def _send(self, generation: Generation, item: TextPiece | Finish | EngineError) -> None:
+        """Queue a record for the request's event loop; ``_flush`` hands it over."""
+        self._outbox.append((generation, item))
+
     def _flush(self) -> None:
         """Hand this step's records to their event loops in one call per loop: one wake-up per
         step instead of one per token (a step of 64 streams is 64 records)."""
@@ -395,8 +395,9 @@ class Engine:
 
     def _time_out(self, generation: Generation) -> None:
         timeout = self.settings.request_timeout_s
-        generation.send(
-            DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)")
+        self._send(
+            generation,
+            DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)"),
         )
         self._release("timeout")
 
@@ -409,7 +410,7 @@ class Engine:
         try:
             sequence = lane.generator.add(generation.prompt, generation.params)
         except ValueError as error:  # a token this checkpoint's vocabulary does not have
-            generation.send(PromptRejected(f"prompt: {error}"))
+            self._send(generation, PromptRejected(f"prompt: {error}"))
             self._release("error")
             return
         PROMPT_TOKENS.inc(len(generation.prompt))
@@ -427,7 +428,7 @@ class Engine:
             # an error and start the lane afresh, so later requests still get served.
             log.exception("generation step failed on %s", lane.loaded.version)
             for generation in lane.running.values():
-                generation.send(GenerationFailed("generation failed; see the server log"))
+                self._send(generation, GenerationFailed("generation failed; see the server log"))
                 self._release("error")
             lane.running.clear()
             lane.generator = self._generator(lane.loaded)
@@ -450,10 +451,10 @@ class Engine:
             generation.pending_ids.append(event.token_id)
             GENERATED_TOKENS.inc()
         if event.text or (event.finish_reason and generation.pending_ids):
-            generation.send(TextPiece(text=event.text, token_ids=generation.pending_ids))
+            self._send(generation, TextPiece(text=event.text, token_ids=generation.pending_ids))
             generation.pending_ids = []
         if event.finish_reason is not None:
-            generation.send(self._finish(generation, event.finish_reason, now))
+            self._send(generation, self._finish(generation, event.finish_reason, now))
             self._release(event.finish_reason)
             END_TO_END_LATENCY.observe(now - generation.arrived)
 
@@ -490,7 +491,7 @@ class Engine:
             for lane in self._lanes:
                 lane.running.clear()
             for generation in leaving:
-                generation.send(error)
+                self._send(generation, error)
                 self._release("error")
         self._flush()
         RUNNING.set(0)
