@@ -351,10 +351,37 @@ def start_slow_prepare(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, P
     return run, source, out
 
 
-def test_a_killed_run_leaves_no_manifest_and_a_rerun_finishes(tmp_path) -> None:
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_run_leaves_no_manifest_no_workers_and_a_rerun_finishes(tmp_path) -> None:
     run, source, out = start_slow_prepare(tmp_path)
+    workers = children_of(run.pid)
+    assert workers, "prepare runs its tokenizer in worker processes"
     run.kill()
     run.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "workers outlived their killed parent"
     assert "manifest.json" not in files_in(out)
     with pytest.raises(DataError, match=r"did not finish"):
         load_split(out, "train")

@@ -38,6 +38,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.request
 from collections import deque
@@ -428,7 +429,16 @@ def _tokens(stories: list[str]) -> np.ndarray:
 def _init_worker() -> None:
     # Ctrl-C reaches the whole process group; the parent alone handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     get_tokenizer()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, the OOM killer) would wait on its task queue
+    forever, since it holds that pipe's other end itself: leave once the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_in_order(
