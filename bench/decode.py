@@ -96,9 +96,10 @@ def hf_decode(hf_model, prompts: list[list[int]], new_tokens: int) -> int:
 
 
 class LlamaCppDecoder:
-    """Greedy decoding of a GGUF file in llama.cpp, through the C API of its Python binding:
-    up to ``sequences`` independent sequences of up to ``context`` tokens each, all advanced by
-    one ``llama_decode`` per token, as our ``BatchGenerator`` does; end-of-text never stops them.
+    """Greedy or sampled decoding of a GGUF file in llama.cpp, through the C API of its Python
+    binding: up to ``sequences`` independent sequences of up to ``context`` tokens each, all
+    advanced by one ``llama_decode`` per token, as our ``BatchGenerator`` does; end-of-text never
+    stops them.
     """
 
     def __init__(
@@ -130,8 +131,9 @@ class LlamaCppDecoder:
     ) -> list[list[int]]:
         """``new_tokens`` tokens after each prompt; all prompts are prefilled at once."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._context), True)
-        samplers = [self._sampler_chain(seed) for seed in range(len(prompts))]
-        pick = self._argmax if mode == "greedy" else functools.partial(self._sample, samplers)
+        sampled = mode != "greedy"
+        samplers = [self._sampler_chain(seed) for seed in range(len(prompts))] if sampled else []
+        pick = functools.partial(self._sample, samplers) if sampled else self._argmax
         tokens = [list(prompt) for prompt in prompts]
         batch = [
             (token, position, seq, position == len(prompt) - 1)

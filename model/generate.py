@@ -273,14 +273,13 @@ class BatchGenerator:
         while prompts × padded length stays within ``prefill_tokens``; the first in the queue
         always advances, by at most that many tokens. Returns the final activations of the
         prompts now fully encoded (a prefix of the queue), or None."""
-        budget = self.prefill_tokens
         chunks: list[tuple[Sequence, int]] = []
         width = 0
         for sequence in self.rows[self.decoding :]:
             remaining = len(sequence.window) - sequence.encoded
-            if chunks and (len(chunks) + 1) * max(width, remaining) > budget:
+            if chunks and (len(chunks) + 1) * max(width, remaining) > self.prefill_tokens:
                 break
-            count = min(remaining, budget)
+            count = min(remaining, self.prefill_tokens)
             chunks.append((sequence, count))
             width = max(width, count)
         if not chunks:

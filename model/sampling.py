@@ -294,13 +294,15 @@ class BatchSampler:
             raise ValueError(f"sampler rows {rows.start}..{rows.stop - 1} are not all set")
         plain = [i for i, p in enumerate(params) if not p.greedy and not p.filtered]
         filtered = [i for i, p in enumerate(params) if not p.greedy and p.filtered]
-        needs = [min(p.top_k or NUCLEUS_CANDIDATES, self.vocab_size) for p in params]
         groups = _Groups(
             all_greedy=not plain and not filtered,
             greedy=len(plain) + len(filtered) < len(params),
             plain=self._index(plain, len(params)),
             filtered=self._index(filtered, len(params)),
-            candidates=max((needs[i] for i in filtered), default=0),
+            candidates=max(
+                (min(params[i].top_k or NUCLEUS_CANDIDATES, self.vocab_size) for i in filtered),
+                default=0,
+            ),
             unbounded=any(not params[i].top_k for i in filtered),
             penalised=any(p.penalised for p in params),
         )

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.dependencies import engine_of
-from service.engine import Engine, no_model_message
-from service.errors import ApiError, error_responses
+from service.engine import Engine, NoModel, no_model_message
+from service.errors import error_responses
 from service.schemas import Readiness
 
 router = APIRouter(tags=["health"])
@@ -24,7 +24,7 @@ async def health() -> dict[str, str]:
 async def ready(engine: Annotated[Engine, Depends(engine_of)]) -> Readiness:
     loaded = engine.model
     if loaded is None:
-        raise ApiError(503, no_model_message(engine.settings))
+        raise NoModel(no_model_message(engine.settings))  # 503, as for a story asked too early
     return Readiness(model=loaded.version, step=loaded.meta.step)
 
 
