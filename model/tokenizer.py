@@ -121,6 +121,11 @@ class Tokenizer:
         """Plain text to ids; a literal "<|endoftext|>" in user text is just text."""
         return self._encoding.encode_ordinary(text)
 
+    def encode_with_special(self, text: str) -> list[int]:
+        """Text to ids as Hugging Face's GPT-2 tokenizer reads it: "<|endoftext|>" is id 50256.
+        For clients that learn the special token's id by tokenizing its text (lm-eval)."""
+        return self._encoding.encode(text, allowed_special="all")
+
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return self._encoding.encode_ordinary_batch(texts, num_threads=num_threads)
 

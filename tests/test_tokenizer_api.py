@@ -1,0 +1,112 @@
+"""/tokenize, /detokenize and /tokenizer_info on a real server: vLLM's shapes, GPT-2's ids, and
+lm-eval's remote tokenizer reading them as it does for ``local-completions``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+from servers import ApiServer, api_server
+
+from model.tokenizer import Tokenizer
+
+KEY = "tokenizer-key"
+TEXTS = [
+    "Once upon a time, there was a little dog named Max.",
+    "  spaces, tabs\tand\nnew lines  ",
+    "Émoji 🙂 and 漢字 too",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ApiServer]:
+    # No checkpoint: the tokenizer answers before (and without) any model.
+    env = {"CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")), "API_KEY": KEY}
+    with api_server(env, tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ApiServer) -> Iterator[httpx.Client]:
+    with server.client(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        yield http
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenize_gives_gpt2_ids_and_detokenize_gives_the_text_back(
+    client: httpx.Client, tokenizer: Tokenizer, text: str
+) -> None:
+    answer = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()["tokens"]
+    assert tokens == tokenizer.encode(text)
+    assert answer.json()["count"] == len(tokens)
+    back = client.post("/detokenize", json={"tokens": tokens})
+    assert back.status_code == 200, back.text
+    assert back.json() == {"prompt": text}
+
+
+def test_end_of_text_is_one_token_as_in_hugging_faces_gpt2(client: httpx.Client) -> None:
+    answer = client.post("/tokenize", json={"prompt": "The end.<|endoftext|>Once"}).json()
+    assert answer["tokens"][-2:] == [50256, 7454]
+    assert client.post("/detokenize", json={"tokens": [50256]}).json() == {
+        "prompt": "<|endoftext|>"
+    }
+
+
+def test_half_a_character_detokenizes_to_the_replacement_character(
+    client: httpx.Client, tokenizer: Tokenizer
+) -> None:
+    first, *_ = tokenizer.encode("🙂")  # its four UTF-8 bytes span several tokens
+    assert client.post("/detokenize", json={"tokens": [first]}).json()["prompt"] == "\ufffd"
+
+
+def test_tokenizer_info_names_gpt2s_special_tokens(client: httpx.Client) -> None:
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "GPT2Tokenizer"
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    assert info["vocab_size"] == 50257
+
+
+@pytest.mark.parametrize(
+    ("tokens", "field"),
+    [([464, 50257], "tokens.1"), ([-1], "tokens.0"), ([1.5], "tokens.0"), ("464", "tokens")],
+)
+def test_ids_outside_the_vocabulary_get_422_naming_the_field(
+    client: httpx.Client, tokens: object, field: str
+) -> None:
+    answer = client.post("/detokenize", json={"tokens": tokens})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["param"] == field
+
+
+def test_a_tokenize_without_a_prompt_gets_422(client: httpx.Client) -> None:
+    answer = client.post("/tokenize", json={"text": "Hi"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("POST", "/tokenize", {"prompt": "Hi"}), ("POST", "/detokenize", {"tokens": [1]}),
+     ("GET", "/tokenizer_info", None)],
+)  # fmt: skip
+def test_the_api_key_is_needed_when_one_is_set(
+    server: ApiServer, method: str, path: str, body: dict | None
+) -> None:
+    with server.client() as anonymous:
+        assert anonymous.request(method, path, json=body).status_code == 401
+
+
+def test_lm_evals_remote_tokenizer_reads_these_endpoints(
+    server: ApiServer, tokenizer: Tokenizer
+) -> None:
+    completions = server.base_url + "/v1/completions"  # lm-eval finds the rest beside it
+    assert check_remote_tokenizer_support(completions, auth_token=KEY)
+    remote = RemoteTokenizer(completions, auth_token=KEY)
+    assert remote.eos_token_id == remote.bos_token_id == tokenizer.eot_id
+    assert remote.encode(TEXTS[2]) == tokenizer.encode(TEXTS[2])
+    assert remote.batch_decode([tokenizer.encode(text) for text in TEXTS]) == TEXTS
