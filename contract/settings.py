@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         "together, a longer prompt is encoded in chunks between decode steps",
     )
     max_stop_strings: int = Field(8, ge=0, le=64)
+    max_logprobs: int = Field(
+        5, ge=0, le=100, description="most alternatives per token in `logprobs` (OpenAI's cap)"
+    )
+    max_n: int = Field(16, ge=1, le=1024, description="most completions per prompt (`n`)")
+    max_loaded_models: int = Field(
+        4, ge=1, le=256, description="runs kept in memory; the least recently used goes first"
+    )
     decode_threads: int = Field(
         0, ge=0, le=1024, description="torch threads for decoding; 0: every core"
     )

@@ -262,13 +262,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """Across the run folders directly under ``root``, the latest checkpoint written last.
+def run_checkpoints(root: Path) -> dict[str, tuple[Path, datetime]]:
+    """Every run folder directly under ``root`` with a checkpoint: its latest checkpoint's
+    metadata path and when that was written, by run name.
 
     Folders without a valid manifest (other runs' leftovers, a run that has not saved yet) are
     skipped rather than refused: one bad run must not hide the good ones."""
     root = Path(root)
-    newest: tuple[Path, datetime] | None = None
+    runs: dict[str, tuple[Path, datetime]] = {}
     for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
         if not run_dir.is_dir():
             continue
@@ -276,9 +277,15 @@ def newest_checkpoint(root: Path) -> Path | None:
             found = _read_manifest(run_dir)
         except CheckpointError:
             continue
-        if found and (newest is None or found[1] > newest[1]):
-            newest = found
-    return newest[0] if newest else None
+        if found:
+            runs[run_dir.name] = found
+    return runs
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """Across the run folders directly under ``root``, the latest checkpoint written last."""
+    runs = run_checkpoints(root).values()
+    return max(runs, key=lambda found: found[1])[0] if runs else None
 
 
 def resolve_checkpoint(path: Path) -> Path:

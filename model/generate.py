@@ -75,6 +75,33 @@ class StopStrings:
         return held
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution (fp32, before temperature,
+    penalties and filters), with the likeliest tokens at that position when asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), likeliest first
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of ``chosen`` (N,) under ``logits`` (N, vocab), each with the ``top``
+    likeliest tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    ids = chosen.tolist()
+    if not top:
+        return [TokenLogprob(t, p) for t, p in zip(ids, picked, strict=True)]
+    values, tokens = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return [
+        TokenLogprob(t, p, tuple(zip(row_tokens, row_values, strict=True)))
+        for t, p, row_tokens, row_values in zip(
+            ids, picked, tokens.tolist(), values.tolist(), strict=True
+        )
+    ]
+
+
 @dataclass
 class Sequence:
     """One story being written: its tokens, sampling parameters and streamed text."""
@@ -91,6 +118,17 @@ class Sequence:
     encoded: int = 0  # how much of the window its prefill has encoded so far
     finish_reason: FinishReason | None = None
     text: list[str] = field(default_factory=list)
+    # With params.prompt_logprobs: one per prompt token, the first None (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+    @property
+    def scoring(self) -> bool:
+        """Whether its prefill still has prompt tokens to score."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.context_start == 0
+            and len(self.prompt_logprobs) < self.prompt_length
+        )
 
     @property
     def generated(self) -> list[int]:
@@ -111,6 +149,7 @@ class TokenEvent:
     token_id: int | None
     text: str
     finish_reason: FinishReason | None
+    logprob: TokenLogprob | None = None  # with params.logprobs, for a token of the story
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,11 @@ class BatchGenerator:
             raise ValueError("the prompt must hold at least one token")
         if any(not 0 <= token < self.config.vocab_size for token in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if params.prompt_logprobs is not None and len(prompt) > self.window:
+            raise ValueError(
+                f"scoring a prompt needs all of it in the model's context: {len(prompt)} tokens "
+                f"is above its block_size of {self.window}"
+            )
         context_start = max(0, len(prompt) - self.window)
         sequence = Sequence(
             id=self._next_id,
@@ -203,6 +247,7 @@ class BatchGenerator:
             context_start=context_start,
             decoder=self.tokenizer.stream_decoder(),
             stops=StopStrings(params.stop),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
         )
         self._next_id += 1
         row = len(self.rows)
@@ -231,12 +276,16 @@ class BatchGenerator:
                 return []
             states = torch.cat([self._full_forward(s.window) for s in self.rows])
         rows = slice(0, sampled)
-        tokens = self.sampler.sample(self._head(states), rows)
+        logits = self._head(states)
+        tokens = self.sampler.sample(logits, rows)
         self.sampler.observe(rows, tokens)
         self.decoding = sampled
+        logprobs = self._logprobs_of(logits, tokens)
         events = [
-            self._accept(sequence, token)
-            for sequence, token in zip(self.rows[:sampled], tokens.tolist(), strict=True)
+            self._accept(sequence, token, logprob)
+            for sequence, token, logprob in zip(
+                self.rows[:sampled], tokens.tolist(), logprobs, strict=True
+            )
         ]
         for sequence in [s for s in self.rows[:sampled] if s.finish_reason is not None]:
             self.remove(sequence.id)
@@ -263,6 +312,22 @@ class BatchGenerator:
     def _move_rows(self, source: slice, target: int) -> None:
         self.cache.move_rows(source, target)
         self.sampler.move_rows(source, target)
+
+    def _logprobs_of(self, logits: Tensor, tokens: Tensor) -> list[TokenLogprob | None]:
+        """The drawn tokens' log-probabilities, for the rows that asked for them."""
+        scores: list[TokenLogprob | None] = [None] * len(tokens)
+        rows = self.rows[: len(tokens)]
+        asking = [i for i, sequence in enumerate(rows) if sequence.params.logprobs is not None]
+        if not asking:
+            return scores
+        top = max(self.rows[i].params.logprobs or 0 for i in asking)
+        index = torch.tensor(asking, device=logits.device)
+        for row, score in zip(
+            asking, token_logprobs(logits[index], tokens[index], top), strict=True
+        ):
+            wanted = self.rows[row].params.logprobs or 0
+            scores[row] = TokenLogprob(score.token_id, score.logprob, score.top[:wanted])
+        return scores
 
     def _decode_forward(self, batch: int) -> Tensor:
         pending = torch.tensor([[s.tokens[-1]] for s in self.rows[:batch]], device=self.device)
@@ -294,11 +359,27 @@ class BatchGenerator:
         plan = self.cache.extend(
             self.decoding, [s.encoded for s, _ in chunks], [count for _, count in chunks]
         )
-        hidden = self.model.forward_cached(idx, plan)
-        for sequence, count in chunks:
+        hidden = self.model.hidden_states(idx, plan.positions, plan)
+        for row, (sequence, count) in enumerate(chunks):
+            if sequence.scoring:
+                self._score_prompt(sequence, hidden[row, :count])
             sequence.encoded += count
         done = sum(s.encoded == len(s.window) for s, _ in chunks)
-        return hidden[:done] if done else None
+        return plan.last_hidden(hidden)[:done] if done else None
+
+    def _score_prompt(self, sequence: Sequence, hidden: Tensor) -> None:
+        """Log-probabilities of the prompt tokens that the chunk just encoded predicts: its
+        activation at position i scores token i + 1 (the last one of the prompt's final chunk
+        predicts the first generated token, scored when it is drawn)."""
+        start = sequence.encoded + 1
+        targets = sequence.tokens[start : min(start + len(hidden), sequence.prompt_length)]
+        if not targets:
+            return
+        chosen = torch.tensor(targets, device=hidden.device)
+        top = sequence.params.prompt_logprobs or 0
+        sequence.prompt_logprobs.extend(
+            token_logprobs(self._head(hidden[: len(targets)]), chosen, top)
+        )
 
     def _full_forward(self, context: list[int]) -> Tensor:
         idx = torch.tensor([context], device=self.device)
@@ -324,11 +405,13 @@ class BatchGenerator:
         sequence.encoded = 0
         self.cache.clear_row(last)
 
-    def _accept(self, sequence: Sequence, token: int) -> TokenEvent:
+    def _accept(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> TokenEvent:
         """Record a sampled token; work out the text it releases and whether the story ends."""
         token_id: int | None = None
         text, reason = "", "end_of_text"
-        if token != self.tokenizer.eot_id:  # <|endoftext|> is never part of the story
+        if sequence.params.max_new_tokens == 0:  # the prompt was all it wanted read
+            reason = "length"
+        elif token != self.tokenizer.eot_id:  # <|endoftext|> is never part of the story
             token_id = token
             sequence.tokens.append(token)
             text, stopped = sequence.stops.push(sequence.decoder.push(token))
@@ -346,7 +429,8 @@ class BatchGenerator:
             reason = "stop" if stopped else reason
         sequence.finish_reason = reason
         sequence.text.append(text)
-        return TokenEvent(sequence.id, token_id, text, reason)
+        kept = logprob if token_id is not None else None  # <|endoftext|> is not in the story
+        return TokenEvent(sequence.id, token_id, text, reason, kept)
 
 
 def generate(

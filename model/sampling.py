@@ -54,7 +54,8 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens, and when to stop. ``temperature=0`` is greedy decoding."""
+    """How to pick tokens, when to stop, and what to report. ``temperature=0`` is greedy
+    decoding; ``max_new_tokens=0`` reads the prompt only (to score it with ``prompt_logprobs``)."""
 
     max_new_tokens: int = 200
     temperature: float = 1.0
@@ -66,10 +67,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
     seed: int | None = None  # None: a fresh random seed, reported with the result
     stop: tuple[str, ...] = ()  # the story ends before the first of these strings
+    # Log-probabilities of the model's own distribution (before the knobs above) for each
+    # generated / prompt token, with this many likeliest alternatives; None: not computed.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -87,6 +92,9 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if any(not stop for stop in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0 (or None), got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +118,13 @@ class SamplingParams:
 def resolve_seed(seed: int | None) -> int:
     """``seed``, or a fresh random one to report with the story so that it can be replayed."""
     return secrets.randbits(63) if seed is None else seed
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of a request's ``index``-th completion: the request's own for the first, so one
+    completion replays as it would alone; an odd multiple of the golden ratio apart for the
+    others (odd, so distinct indices always get distinct seeds modulo 2**63)."""
+    return (seed + index * 0x9E3779B97F4A7C15) & MAX_SEED
 
 
 def mix32(x: Tensor | int) -> Tensor | int:

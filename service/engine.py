@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.settings import Settings
-from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent
+from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent, TokenLogprob
 from model.sampling import SamplingParams
 from service.loaded import LoadedModel
 from service.metrics import (
@@ -44,7 +44,7 @@ from service.metrics import (
     GENERATED_TOKENS,
     GENERATIONS,
     INTER_TOKEN_LATENCY,
-    MODEL,
+    LOADED_MODEL,
     PROMPT_TOKENS,
     QUEUE_TIME,
     RUNNING,
@@ -76,8 +76,13 @@ class NoModel(EngineError):
     """No checkpoint is loaded yet."""
 
 
+class UnknownModel(EngineError):
+    """A request named a run that has no checkpoint under CHECKPOINT_DIR."""
+
+
 class PromptRejected(EngineError):
-    """The prompt is too long for this server, or holds ids this model's vocabulary lacks."""
+    """The prompt is too long for this server or the model, or holds ids this model's
+    vocabulary lacks; or the request holds more prompts than the engine can ever queue."""
 
 
 class Busy(EngineError):
@@ -104,12 +109,22 @@ class ShuttingDown(EngineError):
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """The prompt's tokens and their log-probabilities (the first None), sent before any text
+    when the request asked for ``prompt_logprobs``."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass(frozen=True)
 class TextPiece:
     """Text released by the tokens listed (empty while a character or a possible stop string
-    is held back)."""
+    is held back), with their log-probabilities when the request asked for ``logprobs``."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,11 @@ class Story:
     text: str
     token_ids: list[int]
     finish: Finish
+    logprobs: list[TokenLogprob] | None = None
+    prompt: PromptScores | None = None
+
+
+Record = PromptScores | TextPiece | Finish
 
 
 def no_model_message(settings: Settings) -> str:
@@ -178,11 +198,12 @@ class Generation:
 
     prompt: list[int]
     params: SamplingParams
+    lane: Lane  # the run's lane when it arrived; a reload may hand it a newer one on admission
     arrived: float  # time.perf_counter()
     deadline: float
     engine: Engine
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[TextPiece | Finish | EngineError] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Record | EngineError] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     sequence: Sequence | None = None
     version: str | None = None
@@ -190,11 +211,12 @@ class Generation:
     first_event_at: float | None = None
     last_event_at: float | None = None
     pending_ids: list[int] = field(default_factory=list)  # tokens whose text is held back
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    async def records(self) -> AsyncIterator[TextPiece | Finish]:
-        """Text pieces, then one ``Finish`` (iterate once). Raises an EngineError when the
-        deadline passes or a forward fails. Leaving early (the client went away) frees the
-        request's slot at the next step."""
+    async def records(self) -> AsyncIterator[Record]:
+        """The prompt's scores if asked for, text pieces, then one ``Finish`` (iterate once).
+        Raises an EngineError when the deadline passes or a forward fails. Leaving early (the
+        client went away) frees the request's slot at the next step."""
         try:
             while True:
                 item = await self.queue.get()
@@ -209,14 +231,22 @@ class Generation:
     async def story(self) -> Story:
         """The whole story at once."""
         pieces: list[TextPiece] = []
+        prompt: PromptScores | None = None
         async for item in self.records():
-            if isinstance(item, TextPiece):
+            if isinstance(item, PromptScores):
+                prompt = item
+            elif isinstance(item, TextPiece):
                 pieces.append(item)
             else:
+                logprobs = None
+                if self.params.logprobs is not None:
+                    logprobs = [score for piece in pieces for score in piece.logprobs or ()]
                 return Story(
                     text="".join(piece.text for piece in pieces),
                     token_ids=[token for piece in pieces for token in piece.token_ids],
                     finish=item,
+                    logprobs=logprobs,
+                    prompt=prompt,
                 )
         raise AssertionError("records() always ends with a Finish or raises")
 
@@ -229,28 +259,38 @@ class Lane:
     generator: BatchGenerator
     running: dict[int, Generation] = field(default_factory=dict)  # by sequence id
 
+    @property
+    def run(self) -> str:
+        return self.loaded.run
+
 
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cond = threading.Condition()
         # Shared with the event loop, under _cond:
-        self._current: Lane | None = None
+        self._serving: dict[str, Lane] = {}  # by run: the lane new requests for it join
+        self._default: str | None = None  # the run that requests naming none get
         self._waiting: deque[Generation] = deque()
         self._accepted = 0  # waiting + running: what admission control counts
         self._stopping = False
         # The decode thread's own:
         self._lanes: list[Lane] = []
-        self._outbox: list[tuple[Generation, TextPiece | Finish | EngineError]] = []
+        self._outbox: list[tuple[Generation, Record | EngineError]] = []
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
 
     # --- the event loop's side ---------------------------------------------------------------
 
     @property
     def model(self) -> LoadedModel | None:
-        """The model serving new requests."""
-        lane = self._current
+        """The model serving new requests that name no run."""
+        lane = self._serving.get(self._default) if self._default else None
         return lane.loaded if lane else None
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """Every run loaded, by name, with the model serving its new requests."""
+        return {run: lane.loaded for run, lane in list(self._serving.items())}
 
     def start(self) -> None:
         self._thread.start()
@@ -262,14 +302,29 @@ class Engine:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def install(self, loaded: LoadedModel) -> None:
-        """Serve new requests from ``loaded``. Called from the reloader's worker thread: the
-        lane's KV cache and transposed output matrix take a moment to build."""
+    def install(self, loaded: LoadedModel, default: bool = True) -> None:
+        """Serve new requests for ``loaded.run`` from ``loaded`` (and requests naming no run,
+        with ``default``). Called from the reloader's worker thread: the lane's KV cache and
+        transposed output matrix take a moment to build."""
         lane = Lane(loaded, self._generator(loaded))
         with self._cond:
-            self._current = lane
+            replaced = self._serving.get(loaded.run)
+            self._serving[loaded.run] = lane
+            if default or self._default is None:
+                self._default = loaded.run
             self._cond.notify()
-        MODEL.info({"version": loaded.version, "step": str(loaded.meta.step)})
+        if replaced is not None:
+            _forget_loaded(replaced.loaded)
+        LOADED_MODEL.labels(loaded.run, loaded.version, str(loaded.meta.step)).set(1)
+
+    def unload(self, run: str) -> None:
+        """Stop serving ``run``: new requests for it are refused (the reloader loads it again
+        first); the stories already in its lane finish there, and the lane goes with the last
+        of them."""
+        with self._cond:
+            lane = self._serving.pop(run, None)
+        if lane is not None:
+            _forget_loaded(lane.loaded)
 
     def _generator(self, loaded: LoadedModel) -> BatchGenerator:
         return BatchGenerator(
@@ -279,43 +334,83 @@ class Engine:
             prefill_tokens=self.settings.prefill_tokens,
         )
 
-    async def submit(self, prompt: str, params: SamplingParams) -> Generation:
-        """Queue a story. Raises NoModel, PromptRejected (over MAX_PROMPT_TOKENS) or Busy (the
-        batch and the waiting queue are full)."""
-        lane = self._current
+    async def submit(
+        self, prompt: str | list[int], params: SamplingParams, run: str | None = None
+    ) -> Generation:
+        """Queue a story; see ``submit_all``."""
+        (generation,) = await self.submit_all([(prompt, params)], run)
+        return generation
+
+    async def submit_all(
+        self, requests: list[tuple[str | list[int], SamplingParams]], run: str | None = None
+    ) -> list[Generation]:
+        """Queue stories on ``run``'s model (None: the default run), all or none: prompts are
+        text or token ids. Raises NoModel (the run is not loaded), PromptRejected (a prompt over
+        MAX_PROMPT_TOKENS, ids outside the vocabulary, a prompt to score longer than the
+        context, more prompts than the engine can queue) or Busy (the batch and the waiting
+        queue are full)."""
+        lane = self._serving.get(run or self._default or "")
         if lane is None:
-            raise NoModel(no_model_message(self.settings))
-        if len(prompt) <= INLINE_TOKENIZE_CHARS:
-            ids = lane.generator.encode_prompt(prompt)
-        else:  # a prompt near the body limit takes tens of milliseconds: not on the loop
-            ids = await asyncio.to_thread(lane.generator.encode_prompt, prompt)
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise PromptRejected(
-                f"prompt: {len(ids)} tokens is above this server's limit of "
-                f"{self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)"
+            raise NoModel(
+                no_model_message(self.settings) if run is None else f"{run} is not loaded"
             )
-        now = time.perf_counter()
-        generation = Generation(
-            prompt=ids,
-            params=params,
-            arrived=now,
-            deadline=now + self.settings.request_timeout_s,
-            engine=self,
-            loop=asyncio.get_running_loop(),
-        )
         capacity = self.settings.max_batch_size + self.settings.max_waiting
+        if len(requests) > capacity:
+            raise PromptRejected(
+                f"prompt: at most {capacity} completions (prompts × n) fit in one request "
+                "(MAX_BATCH_SIZE + MAX_WAITING)"
+            )
+        encoded = [await self._encode(lane, prompt, params) for prompt, params in requests]
+        now = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = now + self.settings.request_timeout_s
+        generations = [
+            Generation(ids, params, lane, now, deadline, self, loop)
+            for ids, (_, params) in zip(encoded, requests, strict=True)
+        ]
         with self._cond:
-            if self._accepted >= capacity:
+            if self._accepted + len(generations) > capacity:
                 raise Busy(
                     f"the server is busy: {self.settings.max_batch_size} stories are being "
                     f"written and {self.settings.max_waiting} are waiting; retry shortly",
                     RETRY_AFTER_S,
                 )
-            self._accepted += 1
-            self._waiting.append(generation)
+            self._accepted += len(generations)
+            self._waiting.extend(generations)
             WAITING.set(len(self._waiting))
             self._cond.notify()
-        return generation
+        return generations
+
+    async def _encode(
+        self, lane: Lane, prompt: str | list[int], params: SamplingParams
+    ) -> list[int]:
+        """A prompt's token ids, checked against this server's limits and the lane's model."""
+        generator = lane.generator
+        if isinstance(prompt, list):
+            vocab = generator.config.vocab_size
+            outside = next((token for token in prompt if not 0 <= token < vocab), None)
+            if outside is not None:
+                raise PromptRejected(
+                    f"prompt: token id {outside} is outside the vocabulary of "
+                    f"{lane.loaded.version} (ids 0 to {vocab - 1})"
+                )
+            ids = prompt or [generator.tokenizer.eot_id]
+        elif len(prompt) <= INLINE_TOKENIZE_CHARS:
+            ids = generator.encode_prompt(prompt)
+        else:  # a prompt near the body limit takes tens of milliseconds: not on the loop
+            ids = await asyncio.to_thread(generator.encode_prompt, prompt)
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise PromptRejected(
+                f"prompt: {len(ids)} tokens is above this server's limit of "
+                f"{self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)"
+            )
+        if params.prompt_logprobs is not None and len(ids) > generator.window:
+            raise PromptRejected(
+                f"prompt: {len(ids)} tokens is above the model's context of {generator.window} "
+                "tokens; scoring a prompt (echo with logprobs) needs all of it in context, so "
+                "split longer texts into windows (lm-eval's loglikelihood_rolling does)"
+            )
+        return ids
 
     def cancel(self, generation: Generation) -> None:
         """The client stopped listening: a waiting request leaves the queue now, a running one
@@ -325,7 +420,7 @@ class Engine:
             if generation in self._waiting:
                 self._waiting.remove(generation)
                 WAITING.set(len(self._waiting))
-                self._release("cancelled")
+                self._release(generation, "cancelled")
 
     # --- the decode thread -------------------------------------------------------------------
 
@@ -339,25 +434,27 @@ class Engine:
                     if self._stopping:
                         break
                     self._expire_waiting(time.perf_counter())
-                    lane = self._current
                     free = self.settings.max_batch_size - self._running()
                     joining = min(free, len(self._waiting))
                     newcomers = [self._waiting.popleft() for _ in range(joining)]
                     WAITING.set(len(self._waiting))
-                if lane is not None and lane not in self._lanes:
-                    self._lanes.append(lane)
+                    # A run reloaded since a request arrived serves it from its newest model.
+                    lanes = [self._serving.get(g.lane.run, g.lane) for g in newcomers]
+                    serving = list(self._serving.values())
                 self._drop_leavers(time.perf_counter())
-                for generation in newcomers:
+                for generation, lane in zip(newcomers, lanes, strict=True):
+                    if lane not in self._lanes:
+                        self._lanes.append(lane)
                     self._admit(generation, lane)
                 for each in self._lanes:
                     self._step(each)
-                # An older model's lane goes once its last story is done.
-                self._lanes = [each for each in self._lanes if each.running or each is lane]
+                # A replaced or unloaded model's lane goes once its last story is done.
+                self._lanes = [each for each in self._lanes if each.running or each in serving]
                 RUNNING.set(self._running())
                 self._flush()
         self._fail_all(ShuttingDown("the server is shutting down"))
 
-    def _send(self, generation: Generation, item: TextPiece | Finish | EngineError) -> None:
+    def _send(self, generation: Generation, item: Record | EngineError) -> None:
         """Queue a record for the request's event loop; ``_flush`` hands it over."""
         self._outbox.append((generation, item))
 
@@ -389,7 +486,7 @@ class Engine:
                     lane.generator.remove(generation.sequence.id)
                     del lane.running[generation.sequence.id]
                     if generation.cancelled:
-                        self._release("cancelled")
+                        self._release(generation, "cancelled")
                     else:
                         self._time_out(generation)
 
@@ -399,21 +496,21 @@ class Engine:
             generation,
             DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)"),
         )
-        self._release("timeout")
+        self._release(generation, "timeout")
 
-    def _admit(self, generation: Generation, lane: Lane | None) -> None:
+    def _admit(self, generation: Generation, lane: Lane) -> None:
         """Queue a newcomer for the lane's next prefill."""
         now = time.perf_counter()
-        assert lane is not None, "submit accepts requests only once a model is installed"
+        generation.lane = lane
         generation.admitted = now
         QUEUE_TIME.observe(now - generation.arrived)
         try:
             sequence = lane.generator.add(generation.prompt, generation.params)
         except ValueError as error:  # a token this checkpoint's vocabulary does not have
             self._send(generation, PromptRejected(f"prompt: {error}"))
-            self._release("error")
+            self._release(generation, "error")
             return
-        PROMPT_TOKENS.inc(len(generation.prompt))
+        PROMPT_TOKENS.labels(lane.run).inc(len(generation.prompt))
         generation.sequence, generation.version = sequence, lane.loaded.version
         lane.running[sequence.id] = generation
 
@@ -429,7 +526,7 @@ class Engine:
             log.exception("generation step failed on %s", lane.loaded.version)
             for generation in lane.running.values():
                 self._send(generation, GenerationFailed("generation failed; see the server log"))
-                self._release("error")
+                self._release(generation, "error")
             lane.running.clear()
             lane.generator = self._generator(lane.loaded)
             return
@@ -441,21 +538,29 @@ class Engine:
             self._deliver(generation, event, now)
 
     def _deliver(self, generation: Generation, event: TokenEvent, now: float) -> None:
+        sequence = generation.sequence
+        assert sequence is not None
         if generation.first_event_at is None:
             generation.first_event_at = now
             TIME_TO_FIRST_TOKEN.observe(now - generation.arrived)
+            if sequence.params.prompt_logprobs is not None:
+                prompt = sequence.tokens[: sequence.prompt_length]
+                self._send(generation, PromptScores(prompt, sequence.prompt_logprobs))
         else:
             INTER_TOKEN_LATENCY.observe(now - generation.last_event_at)
         generation.last_event_at = now
         if event.token_id is not None:
             generation.pending_ids.append(event.token_id)
-            GENERATED_TOKENS.inc()
+            if event.logprob is not None:
+                generation.pending_logprobs.append(event.logprob)
+            GENERATED_TOKENS.labels(generation.lane.run).inc()
         if event.text or (event.finish_reason and generation.pending_ids):
-            self._send(generation, TextPiece(text=event.text, token_ids=generation.pending_ids))
-            generation.pending_ids = []
+            logprobs = generation.pending_logprobs if sequence.params.logprobs is not None else None
+            self._send(generation, TextPiece(event.text, generation.pending_ids, logprobs))
+            generation.pending_ids, generation.pending_logprobs = [], []
         if event.finish_reason is not None:
             self._send(generation, self._finish(generation, event.finish_reason, now))
-            self._release(event.finish_reason)
+            self._release(generation, event.finish_reason)
             END_TO_END_LATENCY.observe(now - generation.arrived)
 
     @staticmethod
@@ -478,11 +583,11 @@ class Engine:
             prompt_truncated=sequence.prompt_truncated,
         )
 
-    def _release(self, reason: str) -> None:
+    def _release(self, generation: Generation, reason: str) -> None:
         """A request leaves the engine, for ``reason`` (a finish reason, or why it was cut)."""
         with self._cond:  # reentrant: callers may hold it already
             self._accepted -= 1
-        GENERATIONS.labels(reason).inc()
+        GENERATIONS.labels(generation.lane.run, reason).inc()
 
     def _fail_all(self, error: EngineError) -> None:
         with self._cond:
@@ -492,10 +597,60 @@ class Engine:
                 lane.running.clear()
             for generation in leaving:
                 self._send(generation, error)
-                self._release("error")
+                self._release(generation, "error")
         self._flush()
         RUNNING.set(0)
         WAITING.set(0)
+
+
+async def stories(generations: list[Generation]) -> list[Story]:
+    """Every generation's whole story, in order. If one fails, or the caller goes away, the
+    others leave the engine too."""
+    tasks = [asyncio.ensure_future(generation.story()) for generation in generations]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, Record]]:
+    """The records of several generations as they come, each with its generation's index.
+    Raises the first EngineError any of them raises; leaving early cancels them all."""
+    if len(generations) == 1:
+        async for record in generations[0].records():
+            yield 0, record
+        return
+    arrivals: asyncio.Queue[tuple[int, Record | EngineError | None]] = asyncio.Queue()
+
+    async def follow(index: int, generation: Generation) -> None:
+        try:
+            async for record in generation.records():
+                arrivals.put_nowait((index, record))
+        except EngineError as error:
+            arrivals.put_nowait((index, error))
+        arrivals.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(follow(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await arrivals.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, EngineError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _forget_loaded(loaded: LoadedModel) -> None:
+    with contextlib.suppress(KeyError):  # never labelled if a test built the engine bare
+        LOADED_MODEL.remove(loaded.run, loaded.version, str(loaded.meta.step))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

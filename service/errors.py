@@ -20,6 +20,7 @@ from service.engine import (
     NoModel,
     PromptRejected,
     ShuttingDown,
+    UnknownModel,
 )
 
 log = logging.getLogger("slm.service")
@@ -100,6 +101,8 @@ def from_engine(error: EngineError) -> ApiError:
     match error:
         case PromptRejected():
             return ApiError(422, error.message, param="prompt")
+        case UnknownModel():
+            return ApiError(404, error.message, param="model", code="model_not_found")
         case Busy():
             return ApiError(429, error.message, headers={"Retry-After": str(error.retry_after_s)})
         case DeadlinePassed():

@@ -20,3 +20,8 @@ class LoadedModel:
     path: Path  # the checkpoint's metadata file
     version: str  # "<run>/<checkpoint name>", unique under CHECKPOINT_DIR
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def run(self) -> str:
+        """The run it belongs to: the name clients pick it by (``model`` in a request)."""
+        return self.version.partition("/")[0]

@@ -6,7 +6,7 @@ small, fixed set of values (route templates, status codes, outcomes), never user
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -27,19 +27,25 @@ QUEUE_TIME = Histogram(
     "Time a request waited before joining the batch",
     buckets=LATENCY_BUCKETS,
 )
-PROMPT_TOKENS = Counter("slm_prompt_tokens_total", "Prompt tokens processed")
-GENERATED_TOKENS = Counter("slm_generated_tokens_total", "Tokens generated")
+# ``model`` labels are run names: a small set, fixed by what lies under CHECKPOINT_DIR.
+PROMPT_TOKENS = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ["model"])
+GENERATED_TOKENS = Counter("slm_generated_tokens_total", "Tokens generated", ["model"])
 RUNNING = Gauge("slm_running_requests", "Sequences in the decode batch")
 WAITING = Gauge("slm_waiting_requests", "Requests waiting to join the batch")
 BATCH_SIZE = Histogram(
     "slm_batch_size", "Sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
-MODEL = Info("slm_model", "The checkpoint serving new requests")
+LOADED_MODEL = Gauge(
+    "slm_loaded_model",
+    "1 for each checkpoint serving new requests: its run, version and training step",
+    ["model", "version", "step"],
+)
 RELOADS = Counter("slm_reloads_total", "Checkpoint reload attempts by outcome", ["outcome"])
 GENERATIONS = Counter(
     "slm_generations_total",
-    "Generations by how they ended: a finish reason, or cancelled (client gone), timeout, error",
-    ["reason"],
+    "Generations by model and how they ended: a finish reason, or cancelled (client gone), "
+    "timeout, error",
+    ["model", "reason"],
 )
 
 

@@ -13,8 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.settings import Settings
-from model.generate import FinishReason
+from model.generate import FinishReason, TokenLogprob
 from model.sampling import MAX_SEED, SamplingParams
+from model.tokenizer import Tokenizer, get_tokenizer
 from service.engine import Finish, TextPiece
 from service.errors import ApiError
 
@@ -50,6 +51,15 @@ class GenerateRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="replays a story exactly")
     stream: bool = Field(True, description="server-sent events; false: one JSON answer")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        description="each token's log-probability under the model (before the sampling knobs), "
+        "with this many likeliest alternatives (at most MAX_LOGPROBS)",
+    )
+    model: str | None = Field(
+        None, description="the run to write with (GET /v1/models); absent: the run saved last"
+    )
 
     def sampling(self, settings: Settings) -> SamplingParams:
         return sampling_params(
@@ -64,19 +74,50 @@ class GenerateRequest(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
+            logprobs=logprobs_within(settings, "logprobs", self.logprobs),
         )
+
+
+class Alternative(BaseModel):
+    token_id: int
+    token: str = Field(description="its text (a lone byte of a longer character shows as �)")
+    logprob: float
+
+
+class Logprob(Alternative):
+    top: list[Alternative] = Field(description="the likeliest tokens at this position")
+
+
+def logprob_of(score: TokenLogprob, tokenizer: Tokenizer) -> Logprob:
+    return Logprob(
+        token_id=score.token_id,
+        token=tokenizer.decode([score.token_id]),
+        logprob=score.logprob,
+        top=[
+            Alternative(token_id=token, token=tokenizer.decode([token]), logprob=logprob)
+            for token, logprob in score.top
+        ],
+    )
 
 
 class Piece(BaseModel):
     """One streamed event: text released by the tokens listed (text may be empty while a
-    character or a possible stop string is held back)."""
+    character or a possible stop string is held back), with their log-probabilities when the
+    request asked for them."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[Logprob] | None = None
 
     @classmethod
     def of(cls, piece: TextPiece) -> Piece:
-        return cls(text=piece.text, token_ids=piece.token_ids)
+        tokenizer = get_tokenizer()
+        logprobs = piece.logprobs
+        return cls(
+            text=piece.text,
+            token_ids=piece.token_ids,
+            logprobs=None if logprobs is None else [logprob_of(s, tokenizer) for s in logprobs],
+        )
 
 
 class Usage(BaseModel):
@@ -116,6 +157,7 @@ class GenerateResponse(Finished):
 
     text: str
     token_ids: list[int]
+    logprobs: list[Logprob] | None = None
 
 
 def usage_of(finish: Finish) -> Usage:
@@ -141,82 +183,6 @@ def finished_fields(finish: Finish) -> dict[str, object]:
         "seed": finish.seed,
         "prompt_truncated": finish.prompt_truncated,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenAI: POST /v1/completions, GET /v1/models
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """OpenAI's legacy completions request. Fields OpenAI defines and this model cannot honour
-    (logprobs, best_of...) are ignored, as other OpenAI-compatible servers do, so clients
-    written for OpenAI keep working; ``top_k``, ``min_p`` and ``repetition_penalty`` are extras,
-    as in vLLM and llama.cpp's server."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    model: str | None = Field(None, description="ignored: the loaded checkpoint answers")
-    prompt: str = ""
-    max_tokens: int = Field(16, ge=1, description="OpenAI's default is 16")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def sampling(self, settings: Settings) -> SamplingParams:
-        return sampling_params(
-            settings,
-            max_new_tokens=("max_tokens", self.max_tokens),
-            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-        )
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "slm"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +220,8 @@ def sampling_params(
     presence_penalty: float,
     frequency_penalty: float,
     seed: int | None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams within this deployment's limits. ``max_new_tokens`` is (the field's name
     in the request, its value), since OpenAI calls it ``max_tokens``."""
@@ -285,4 +253,18 @@ def sampling_params(
         frequency_penalty=frequency_penalty,
         seed=seed,
         stop=tuple(stop),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def logprobs_within(settings: Settings, field: str, count: int | None) -> int | None:
+    """``count`` alternatives per token, refused above MAX_LOGPROBS."""
+    if count is not None and count > settings.max_logprobs:
+        raise ApiError(
+            422,
+            f"{field}: {count} is above this server's limit of {settings.max_logprobs} "
+            "(MAX_LOGPROBS)",
+            param=field,
+        )
+    return count

@@ -209,7 +209,10 @@ def test_train_job_to_streamed_story_with_hot_reload(stack: Stack) -> None:
     )
 
     metrics = client.get("/metrics").text
-    assert metric(metrics, "slm_generated_tokens_total") >= final["usage"]["completion_tokens"]
+    assert (
+        metric(metrics, 'slm_generated_tokens_total{model="e2e"}')
+        >= final["usage"]["completion_tokens"]
+    )
     assert metric(metrics, 'slm_reloads_total{outcome="loaded"}') >= 2
 
 

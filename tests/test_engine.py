@@ -125,7 +125,7 @@ def test_streams_in_flight_finish_on_their_model_while_new_ones_get_the_new(
 
 def test_a_client_that_leaves_frees_its_slot_at_the_next_step(start_engine) -> None:
     engine = start_engine()
-    cancelled_before = sample_value("slm_generations_total", reason="cancelled")
+    cancelled_before = sample_value("slm_generations_total", model="run-a", reason="cancelled")
 
     async def scenario() -> None:
         long_story = SamplingParams(max_new_tokens=1024, temperature=0)  # no early end_of_text
@@ -137,7 +137,8 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_step(start_engine) -> N
     run(scenario())
     wait_for(
         lambda: (
-            sample_value("slm_generations_total", reason="cancelled") == cancelled_before + 1
+            sample_value("slm_generations_total", model="run-a", reason="cancelled")
+            == cancelled_before + 1
             and sample_value("slm_running_requests") == 0
         ),
         10,

@@ -197,7 +197,7 @@ def test_a_fresh_seed_is_reported_so_a_sample_can_be_replayed() -> None:
         ("top_k", -1, "top_k"),
         ("min_p", -0.1, "min_p"),
         ("min_p", 1.5, "min_p"),
-        ("max_new_tokens", 0, "max_new_tokens"),
+        ("max_new_tokens", -1, "max_new_tokens"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
         ("presence_penalty", 2.5, "presence_penalty"),
         ("frequency_penalty", -3.0, "frequency_penalty"),

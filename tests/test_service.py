@@ -59,7 +59,7 @@ def running_requests(client: httpx.Client) -> float:
 
 
 def cancelled_generations(client: httpx.Client) -> float:
-    sample = 'slm_generations_total{reason="cancelled"}'
+    sample = 'slm_generations_total{model="run-a",reason="cancelled"}'
     return metric(client.get("/metrics").text, sample, missing=0.0)
 
 
@@ -194,11 +194,11 @@ def test_metrics_count_requests_by_route_and_status(server) -> None:
         "slm_inter_token_latency_seconds_count",
         "slm_request_latency_seconds_count",
         "slm_queue_time_seconds_count",
-        "slm_generated_tokens_total",
-        "slm_prompt_tokens_total",
+        'slm_generated_tokens_total{model="run-a"}',
+        'slm_prompt_tokens_total{model="run-a"}',
         "slm_waiting_requests",
         "slm_batch_size_count",
-        'slm_model_info{step="1",version="run-a/step-00000001"}',
+        'slm_loaded_model{model="run-a",step="1",version="run-a/step-00000001"} 1.0',
         'slm_reloads_total{outcome="loaded"}',
     ):
         assert name in text

@@ -15,17 +15,20 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from model.tokenizer import get_tokenizer
 from service.auth import require_api_key, settings_of
-from service.dependencies import engine_of
+from service.dependencies import engine_of, reloader_of
 from service.engine import Engine, EngineError, Generation, TextPiece
 from service.errors import error_body, error_responses, from_engine
 from service.limits import require_json
+from service.reloader import Reloader
 from service.schemas import (
     Finished,
     GenerateRequest,
     GenerateResponse,
     Piece,
     finished_fields,
+    logprob_of,
 )
 
 router = APIRouter(tags=["generate"])
@@ -37,18 +40,28 @@ router = APIRouter(tags=["generate"])
     response_model=GenerateResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"},
-        **error_responses(400, 401, 408, 413, 415, 422, 429, 503, 504),
+        **error_responses(400, 401, 404, 408, 413, 415, 422, 429, 503, 504),
     },
 )
 async def generate(
-    body: GenerateRequest, request: Request, engine: Annotated[Engine, Depends(engine_of)]
+    body: GenerateRequest,
+    request: Request,
+    engine: Annotated[Engine, Depends(engine_of)],
+    reloader: Annotated[Reloader, Depends(reloader_of)],
 ) -> GenerateResponse | EventSourceResponse:
-    generation = await engine.submit(body.prompt, body.sampling(settings_of(request)))
+    params = body.sampling(settings_of(request))
+    generation = await engine.submit(body.prompt, params, await reloader.resolve(body.model))
     if body.stream:
         return EventSourceResponse(_events(generation))
     story = await generation.story()
+    tokenizer = get_tokenizer()
     return GenerateResponse(
-        text=story.text, token_ids=story.token_ids, **finished_fields(story.finish)
+        text=story.text,
+        token_ids=story.token_ids,
+        logprobs=None
+        if story.logprobs is None
+        else [logprob_of(score, tokenizer) for score in story.logprobs],
+        **finished_fields(story.finish),
     )
 
 

@@ -22,7 +22,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", responses=error_responses(503))
 async def ready(engine: Annotated[Engine, Depends(engine_of)]) -> Readiness:
-    loaded = engine.model
+    # The default run's model, or while it is reloaded after an eviction, any run's.
+    loaded = engine.model or next(iter(engine.models.values()), None)
     if loaded is None:
         raise NoModel(no_model_message(engine.settings))  # 503, as for a story asked too early
     return Readiness(model=loaded.version, step=loaded.meta.step)

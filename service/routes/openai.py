@@ -1,13 +1,18 @@
-"""OpenAI-compatible API: POST /v1/completions and GET /v1/models, so the official SDKs work
-unchanged (``OpenAI(base_url="http://HOST:PORT/v1", api_key=...)``).
+"""OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions and GET /v1/models, so
+the official SDKs, chat front-ends and EleutherAI's lm-evaluation-harness work unchanged
+(``OpenAI(base_url="http://HOST:PORT/v1", api_key=...)``).
 
-Streams are OpenAI's: data-only events each holding a ``text_completion`` chunk, the last with
-its ``finish_reason`` (then one with ``usage`` if ``stream_options.include_usage``), then
-``data: [DONE]``. Our ``end_of_text`` is OpenAI's ``stop``: the model ended the story itself.
+Completions take one prompt or many (texts or token ids) and answer ``n`` choices per prompt,
+indexed prompt by prompt; ``echo`` with ``logprobs`` scores the prompt in the engine's batched
+prefill (with ``max_tokens: 0`` that is all it does: one prefill per text). Streams are
+OpenAI's: data-only events each holding a chunk, a choice's last with its ``finish_reason``
+(then one with ``usage`` if ``stream_options.include_usage``), then ``data: [DONE]``. Our
+``end_of_text`` is OpenAI's ``stop``: the model ended the story itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -17,20 +22,44 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from model.generate import FinishReason
+from model.generate import FinishReason, TokenLogprob
+from model.sampling import SamplingParams, derive_seed, resolve_seed
+from model.tokenizer import Tokenizer, get_tokenizer
 from service.auth import require_api_key, settings_of
-from service.dependencies import engine_of
-from service.engine import Engine, EngineError, Generation, TextPiece
+from service.dependencies import reloader_of
+from service.engine import (
+    Engine,
+    EngineError,
+    Finish,
+    Generation,
+    PromptScores,
+    Story,
+    TextPiece,
+    interleaved,
+    stories,
+)
 from service.errors import error_body, error_responses, from_engine
 from service.limits import require_json
-from service.schemas import (
+from service.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    Delta,
     ModelCard,
     ModelList,
-    usage_of,
+    TopLogprob,
 )
+from service.reloader import Reloader
+from service.schemas import Usage
 
 router = APIRouter(
     prefix="/v1",
@@ -39,72 +68,301 @@ router = APIRouter(
     responses=error_responses(401),
 )
 
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"}}
+
 
 def openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
     return "length" if reason == "length" else "stop"
 
 
 @router.get("/models")
-async def models(engine: Annotated[Engine, Depends(engine_of)]) -> ModelList:
-    loaded = engine.model
-    cards = (
-        []
-        if loaded is None
-        else [ModelCard(id=loaded.version, created=int(loaded.loaded_at.timestamp()))]
+async def models(reloader: Annotated[Reloader, Depends(reloader_of)]) -> ModelList:
+    return ModelList(
+        data=[
+            ModelCard(
+                id=run.name,
+                created=int(run.created_at.timestamp()),
+                version=run.version,
+                loaded=run.loaded,
+            )
+            for run in await reloader.runs()
+        ]
     )
-    return ModelList(data=cards)
+
+
+async def _submit(
+    request: Request,
+    model: str | None,
+    prompts: list[str | list[int]],
+    params: SamplingParams,
+    n: int,
+) -> list[Generation]:
+    """``n`` generations per prompt, prompt by prompt, on the run ``model`` names; the i-th of
+    a prompt's n draws with the i-th seed derived from the request's."""
+    engine: Engine = request.app.state.engine
+    reloader: Reloader = request.app.state.reloader
+    run = await reloader.resolve(model)
+    if n > 1:
+        seed = resolve_seed(params.seed)
+        draws = [dataclasses.replace(params, seed=derive_seed(seed, i)) for i in range(n)]
+    else:
+        draws = [params]
+    return await engine.submit_all([(p, draw) for p in prompts for draw in draws], run)
+
+
+def _usage(finishes: list[Finish], n: int) -> Usage:
+    """Prompt tokens once per prompt (not per choice), completion tokens over every choice."""
+    prompt = sum(finish.prompt_tokens for finish in finishes[::n])
+    completion = sum(finish.completion_tokens for finish in finishes)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _error_event(failure: EngineError) -> ServerSentEvent:
+    error = from_engine(failure)
+    return ServerSentEvent(json.dumps(error_body(error.status, error.message, error.param)))
+
+
+# --- POST /v1/completions ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Offsets:
+    """Legacy logprobs of one choice, built as its tokens come: ``text_offset`` counts
+    characters of the choice's text from its start."""
+
+    tokenizer: Tokenizer
+    position: int = 0
+
+    def logprobs(self, tokens: list[int], scores: list[TokenLogprob | None]) -> CompletionLogprobs:
+        answer = CompletionLogprobs()
+        for token, score in zip(tokens, scores, strict=True):
+            text = self.tokenizer.decode([token])
+            answer.tokens.append(text)
+            answer.text_offset.append(self.position)
+            self.position += len(text)
+            if score is None:
+                answer.token_logprobs.append(None)
+                answer.top_logprobs.append(None)
+                continue
+            answer.token_logprobs.append(score.logprob)
+            # vLLM's shape, which lm-eval reads: the alternatives and the token itself.
+            top = {self.tokenizer.decode([t]): logprob for t, logprob in score.top}
+            top.setdefault(text, score.logprob)
+            answer.top_logprobs.append(top)
+        return answer
+
+
+def _prompt_text(prompt: str | list[int], tokenizer: Tokenizer) -> str:
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
 
 @router.post(
     "/completions",
     response_model=Completion,
     dependencies=[Depends(require_json)],
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "SSE, or one JSON"},
-        **error_responses(400, 408, 413, 415, 422, 429, 503, 504),
-    },
+    responses={**STREAMED, **error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)},
 )
 async def completions(
-    body: CompletionRequest, request: Request, engine: Annotated[Engine, Depends(engine_of)]
+    body: CompletionRequest, request: Request
 ) -> Completion | EventSourceResponse:
-    generation = await engine.submit(body.prompt, body.sampling(settings_of(request)))
+    params = body.sampling(settings_of(request))
+    prompts = body.prompts
+    generations = await _submit(request, body.model, prompts, params, body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echoes = [prompt for prompt in prompts for _ in range(body.n)]
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(_chunks(generation, completion_id, created, include_usage))
-    story = await generation.story()
-    choice = CompletionChoice(text=story.text, finish_reason=openai_reason(story.finish.reason))
+        events = _completion_chunks(body, generations, echoes, completion_id, created)
+        return EventSourceResponse(events)
+    answers = await stories(generations)
     return Completion(
         id=completion_id,
         created=created,
-        model=story.finish.version,
-        choices=[choice],
-        usage=usage_of(story.finish),
+        model=answers[0].finish.version,
+        choices=[
+            _completion_choice(index, body, story, echo)
+            for index, (story, echo) in enumerate(zip(answers, echoes, strict=True))
+        ],
+        usage=_usage([story.finish for story in answers], body.n),
     )
 
 
-async def _chunks(
-    generation: Generation, completion_id: str, created: int, include_usage: bool
+def _version(generations: list[Generation]) -> str:
+    # Set when a request joins the batch, before its first record is sent.
+    version = next((g.version for g in generations if g.version is not None), None)
+    assert version is not None
+    return version
+
+
+def _completion_choice(
+    index: int, body: CompletionRequest, story: Story, prompt: str | list[int]
+) -> CompletionChoice:
+    tokenizer = get_tokenizer()
+    text = story.text
+    logprobs = None
+    if body.echo:
+        text = _prompt_text(prompt, tokenizer) + text
+    if body.logprobs is not None:
+        offsets = _Offsets(tokenizer)
+        logprobs = CompletionLogprobs()
+        if story.prompt is not None:
+            logprobs = offsets.logprobs(story.prompt.token_ids, story.prompt.logprobs)
+        scores = story.logprobs or []
+        generated = offsets.logprobs([s.token_id for s in scores], list(scores))
+        for name in CompletionLogprobs.model_fields:
+            getattr(logprobs, name).extend(getattr(generated, name))
+    return CompletionChoice(
+        index=index,
+        text=text,
+        logprobs=logprobs,
+        finish_reason=openai_reason(story.finish.reason),
+    )
+
+
+async def _completion_chunks(
+    body: CompletionRequest,
+    generations: list[Generation],
+    echoes: list[str | list[int]],
+    completion_id: str,
+    created: int,
 ) -> AsyncIterator[ServerSentEvent]:
-    def chunk(choices: list[CompletionChoice], **extra: object) -> ServerSentEvent:
-        # The version is set when the request joins the batch, before its first event is sent.
-        assert generation.version is not None
-        completion = Completion(
-            id=completion_id, created=created, model=generation.version, choices=choices, **extra
+    tokenizer = get_tokenizer()
+    offsets = [_Offsets(tokenizer) for _ in generations]
+    echoed = [False] * len(generations)
+    finishes: list[Finish | None] = [None] * len(generations)
+
+    def event(choices: list[CompletionChoice], **extra: object) -> ServerSentEvent:
+        answer = Completion(
+            id=completion_id,
+            created=created,
+            model=_version(generations),
+            choices=choices,
+            **extra,
         )
-        return ServerSentEvent(completion.model_dump_json())
+        return ServerSentEvent(answer.model_dump_json())
+
+    def text(index: int, text: str, logprobs: CompletionLogprobs | None) -> ServerSentEvent:
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)
+        return event([choice])
 
     try:
-        async for record in generation.records():
+        async for index, record in interleaved(generations):
+            if body.echo and not echoed[index]:  # the prompt first, scored if asked
+                echoed[index] = True
+                scored = None
+                if isinstance(record, PromptScores):
+                    scored = offsets[index].logprobs(record.token_ids, record.logprobs)
+                yield text(index, _prompt_text(echoes[index], tokenizer), scored)
             if isinstance(record, TextPiece):
-                if record.text:
-                    yield chunk([CompletionChoice(text=record.text, finish_reason=None)])
-                continue
-            reason = openai_reason(record.reason)
-            yield chunk([CompletionChoice(text="", finish_reason=reason)])
-            if include_usage:
-                yield chunk([], usage=usage_of(record))
+                scores = record.logprobs if body.logprobs is not None else None
+                if record.text or scores:
+                    tokens = [score.token_id for score in scores or ()]
+                    scored = offsets[index].logprobs(tokens, list(scores)) if scores else None
+                    yield text(index, record.text, scored)
+            elif isinstance(record, Finish):
+                finishes[index] = record
+                reason = openai_reason(record.reason)
+                yield event([CompletionChoice(index=index, text="", finish_reason=reason)])
+        if body.include_usage:
+            done = [finish for finish in finishes if finish is not None]
+            yield event([], usage=_usage(done, body.n))
     except EngineError as failure:
-        error = from_engine(failure)
-        yield ServerSentEvent(json.dumps(error_body(error.status, error.message, error.param)))
+        yield _error_event(failure)
+    yield ServerSentEvent("[DONE]")
+
+
+# --- POST /v1/chat/completions -----------------------------------------------------------------
+
+
+def _chat_logprobs(scores: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogprobs:
+    def entry(token: int, logprob: float) -> TopLogprob:
+        return TopLogprob(
+            token=tokenizer.decode([token]),
+            logprob=logprob,
+            bytes=list(tokenizer.token_bytes(token)),
+        )
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **entry(score.token_id, score.logprob).model_dump(),
+                top_logprobs=[entry(token, logprob) for token, logprob in score.top],
+            )
+            for score in scores
+        ]
+    )
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    dependencies=[Depends(require_json)],
+    responses={**STREAMED, **error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)},
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> ChatCompletion | EventSourceResponse:
+    params = body.sampling(settings_of(request))
+    generations = await _submit(request, body.model, [body.prompt], params, body.n)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return EventSourceResponse(_chat_chunks(body, generations, completion_id, created))
+    answers = await stories(generations)
+    tokenizer = get_tokenizer()
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=answers[0].finish.version,
+        choices=[
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=story.text),
+                logprobs=_chat_logprobs(story.logprobs, tokenizer) if body.logprobs else None,
+                finish_reason=openai_reason(story.finish.reason),
+            )
+            for index, story in enumerate(answers)
+        ],
+        usage=_usage([story.finish for story in answers], body.n),
+    )
+
+
+async def _chat_chunks(
+    body: ChatCompletionRequest, generations: list[Generation], completion_id: str, created: int
+) -> AsyncIterator[ServerSentEvent]:
+    tokenizer = get_tokenizer()
+    finishes: list[Finish | None] = [None] * len(generations)
+    started = [False] * len(generations)
+
+    def event(choices: list[ChatChunkChoice], **extra: object) -> ServerSentEvent:
+        answer = ChatCompletionChunk(
+            id=completion_id,
+            created=created,
+            model=_version(generations),
+            choices=choices,
+            **extra,
+        )
+        return ServerSentEvent(answer.model_dump_json(exclude_none=True))
+
+    try:
+        async for index, record in interleaved(generations):
+            if not started[index]:  # OpenAI's first delta of a choice names the role
+                started[index] = True
+                yield event([ChatChunkChoice(index=index, delta=Delta(role="assistant"))])
+            if isinstance(record, TextPiece):
+                logprobs = None
+                if body.logprobs and record.logprobs:
+                    logprobs = _chat_logprobs(record.logprobs, tokenizer)
+                if record.text or logprobs is not None:
+                    delta = Delta(content=record.text)
+                    yield event([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+            elif isinstance(record, Finish):
+                finishes[index] = record
+                reason = openai_reason(record.reason)
+                yield event([ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason)])
+        if body.include_usage:
+            done = [finish for finish in finishes if finish is not None]
+            yield event([], usage=_usage(done, body.n))
+    except EngineError as failure:
+        yield _error_event(failure)
     yield ServerSentEvent("[DONE]")
