@@ -91,26 +91,21 @@ class ApiServer:
 
 
 @contextmanager
-def api_server(env: dict[str, str], workdir: Path, ready_path: str = "/openapi.json"):
-    """``uvicorn service.app:create_app --factory`` on a free port, configured by ``env`` (on top
-    of this process's environment); yields once ``ready_path`` answers."""
+def api_server(
+    env: dict[str, str], workdir: Path, ready_path: str = "/openapi.json", *, cli: bool = False
+):
+    """``uvicorn service.app:create_app --factory`` (``slm serve`` with ``cli``) on a free port,
+    configured by ``env`` (on top of this process's environment); yields once ``ready_path``
+    answers."""
     port = free_port()
     log = workdir / f"api-{port}.log"
+    if cli:  # the console script pip installed beside this interpreter
+        program = [str(Path(sys.executable).with_name("slm")), "serve"]
+    else:
+        program = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            [*program, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=sink,
