@@ -149,7 +149,9 @@ class TokenEvent:
     token_id: int | None
     text: str
     finish_reason: FinishReason | None
-    logprob: TokenLogprob | None = None  # with params.logprobs, for a token of the story
+    # With params.logprobs: the drawn token's, <|endoftext|> included (scoring clients count
+    # on one entry per token drawn, as vLLM gives them).
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -429,8 +431,8 @@ class BatchGenerator:
             reason = "stop" if stopped else reason
         sequence.finish_reason = reason
         sequence.text.append(text)
-        kept = logprob if token_id is not None else None  # <|endoftext|> is not in the story
-        return TokenEvent(sequence.id, token_id, text, reason, kept)
+        drawn = logprob if sequence.params.max_new_tokens else None
+        return TokenEvent(sequence.id, token_id, text, reason, drawn)
 
 
 def generate(

@@ -120,7 +120,8 @@ class PromptScores:
 @dataclass(frozen=True)
 class TextPiece:
     """Text released by the tokens listed (empty while a character or a possible stop string
-    is held back), with their log-probabilities when the request asked for ``logprobs``."""
+    is held back), with their log-probabilities when the request asked for ``logprobs`` (the
+    last piece's may end with ``<|endoftext|>``'s, which ends the story outside its text)."""
 
     text: str
     token_ids: list[int]
@@ -551,10 +552,12 @@ class Engine:
         generation.last_event_at = now
         if event.token_id is not None:
             generation.pending_ids.append(event.token_id)
-            if event.logprob is not None:
-                generation.pending_logprobs.append(event.logprob)
             GENERATED_TOKENS.labels(generation.lane.run).inc()
-        if event.text or (event.finish_reason and generation.pending_ids):
+        if event.logprob is not None:
+            generation.pending_logprobs.append(event.logprob)
+        if event.text or (
+            event.finish_reason and (generation.pending_ids or generation.pending_logprobs)
+        ):
             logprobs = generation.pending_logprobs if sequence.params.logprobs is not None else None
             self._send(generation, TextPiece(event.text, generation.pending_ids, logprobs))
             generation.pending_ids, generation.pending_logprobs = [], []

@@ -158,6 +158,40 @@ def test_end_of_text_ends_the_story_and_is_not_part_of_it(tokenizer) -> None:
         generate(model, "Once upon a time", SamplingParams(max_new_tokens=50, temperature=0))
     )
     assert [(e.token_id, e.text, e.finish_reason) for e in events] == [(None, "", "end_of_text")]
+    # A client asking for logprobs still gets the drawn <|endoftext|>'s: scoring clients (lm-eval)
+    # count one entry per token drawn and cut the last one off.
+    params = SamplingParams(max_new_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+    generator = BatchGenerator(model)
+    sequence = generator.add(tokenizer.encode("Once upon a time"), params)
+    (event,) = generator.step()
+    assert event.token_id is None and event.logprob is not None
+    assert event.logprob.token_id == tokenizer.eot_id
+    assert event.logprob.top[0][0] == tokenizer.eot_id
+    assert len(sequence.prompt_logprobs) == 4 and sequence.prompt_logprobs[0] is None
+
+
+def test_prompt_logprobs_are_the_models_whatever_the_chunking(tiny_model, tokenizer) -> None:
+    """A prompt scored in chunks of a small prefill budget, beside others, gets the
+    log-probabilities of one plain forward."""
+    ids = tokenizer.encode("Once upon a time there was a girl named Lily who loved the sea. " * 3)
+    with torch.no_grad():
+        logits, _ = tiny_model(torch.tensor([ids]))
+    expected = torch.log_softmax(logits[0], dim=-1)
+    expected = [expected[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    generator = BatchGenerator(tiny_model, max_batch=3, prefill_tokens=16)
+    scored = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
+    generator.add(ids[:5], SamplingParams(max_new_tokens=40))
+    first = generator.add(ids, scored)
+    second = generator.add(ids[:9], scored)
+    while generator.rows:
+        generator.step()
+    assert first.finish_reason == second.finish_reason == "length"
+    assert first.generated == second.generated == []
+    assert [s.logprob for s in first.prompt_logprobs[1:]] == pytest.approx(expected, abs=1e-4)
+    assert [s.logprob for s in second.prompt_logprobs[1:]] == pytest.approx(expected[:8], abs=1e-4)
+    too_long = [1] * (tiny_model.config.block_size + 1)
+    with pytest.raises(ValueError, match="block_size"):
+        generator.add(too_long, scored)
 
 
 def test_stop_string_ends_the_story_before_it_and_is_never_streamed(tiny_model) -> None:
