@@ -13,6 +13,12 @@ one prompt.
 Rows are kept in order: ``rows[:decoding]`` are decoding, the rest wait for (the rest of) their
 prefill, first come first served.
 
+Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``) are those of the model's
+own distribution, in fp32, before the sampling knobs: a drawn token's come from the logits it
+was drawn from; a prompt's from the prefill's activations at every position (so scoring a text
+costs its prefill plus the output projection at each position: ``max_new_tokens=0`` stops
+there).
+
 The context window: GPT-2 learns absolute positions, so a sequence cannot grow past block_size
 and the cache cannot simply drop its oldest entries (every cached key was computed at its old
 position). When a sequence fills the window, it keeps its newest three quarters and goes back to

@@ -10,10 +10,15 @@ The engine knows nothing of HTTP: it raises ``EngineError``s (no model, prompt t
 with a retry-after, deadline passed, ...) and emits plain records (``TextPiece``s, then one
 ``Finish`` with usage and timings); the routes turn both into HTTP answers.
 
-Hot reload: every loaded model gets its own *lane* (a ``BatchGenerator`` with its KV cache).
-``install`` makes a new lane serve new requests; sequences already in an older lane keep
-decoding there until they finish, and the lane is dropped once empty. So a stream always ends
-on the checkpoint it started with.
+Runs and hot reload: every loaded model gets its own *lane* (a ``BatchGenerator`` with its KV
+cache), and a request names the run it wants (``service.reloader`` loads runs and says which).
+``install`` makes a new lane serve a run's new requests and ``unload`` stops a run taking any;
+sequences already in an older lane keep decoding there until they finish, and the lane is
+dropped once empty. So a stream always ends on the checkpoint it started with.
+
+Scoring: a request may ask for log-probabilities of the tokens it draws and, with a prompt to
+score (``echo`` in the OpenAI API), of its prompt's tokens, which the prefill computes from the
+activations it produces anyway; a ``PromptScores`` record then comes before any text.
 
 Batching does not change results: every draw is keyed on the request's seed and its token count
 (``model.sampling`` explains why rounding differences between batch sizes do not move it), so a
