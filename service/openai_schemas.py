@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationInf
 from contract.settings import Settings
 from model.sampling import MAX_SEED, SamplingParams
 from service.errors import ApiError
-from service.schemas import Usage, logprobs_within, sampling_params
+from service.schemas import Usage, sampling_params
 
 
 class StreamOptions(BaseModel):
@@ -77,24 +77,14 @@ class OpenAISampling(BaseModel):
         """SamplingParams within this deployment's limits (``max_new_tokens`` and ``logprobs``
         are (the field's name in the request, its value))."""
         if self.n > settings.max_n:
-            raise ApiError(
-                422, f"n: {self.n} is above this server's limit of {settings.max_n} (MAX_N)",
-                param="n",
-            )  # fmt: skip
-        field, count = logprobs
+            message = f"n: {self.n} is above this server's limit of {settings.max_n} (MAX_N)"
+            raise ApiError(422, message, param="n")
         return sampling_params(
             settings,
+            self,
             max_new_tokens=max_new_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            logprobs=logprobs_within(settings, field, count),
+            logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
 

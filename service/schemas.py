@@ -64,17 +64,10 @@ class GenerateRequest(BaseModel):
     def sampling(self, settings: Settings) -> SamplingParams:
         return sampling_params(
             settings,
+            self,
             max_new_tokens=("max_new_tokens", self.max_new_tokens),
             stop=self.stop,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            logprobs=logprobs_within(settings, "logprobs", self.logprobs),
+            logprobs=("logprobs", self.logprobs),
         )
 
 
@@ -207,24 +200,31 @@ class ReloadReport(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
+# Request fields that mean the same in every API and go to SamplingParams as they are.
+SAMPLING_KNOBS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+
+
 def sampling_params(
     settings: Settings,
+    request: BaseModel,
     *,
     max_new_tokens: tuple[str, int],
     stop: list[str],
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    presence_penalty: float,
-    frequency_penalty: float,
-    seed: int | None,
-    logprobs: int | None = None,
+    logprobs: tuple[str, int | None] = ("logprobs", None),
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """SamplingParams within this deployment's limits. ``max_new_tokens`` is (the field's name
-    in the request, its value), since OpenAI calls it ``max_tokens``."""
+    """SamplingParams from a request's ``SAMPLING_KNOBS`` and the rest, within this deployment's
+    limits. ``max_new_tokens`` and ``logprobs`` are (the field's name in the request, its
+    value): OpenAI's chat, say, calls them ``max_completion_tokens`` and ``top_logprobs``."""
     field, requested = max_new_tokens
     if requested > settings.max_new_tokens:
         raise ApiError(
@@ -242,29 +242,18 @@ def sampling_params(
         )
     if any(not text for text in stop):
         raise ApiError(422, "stop: stop strings must not be empty", param="stop")
-    return SamplingParams(
-        max_new_tokens=requested,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        seed=seed,
-        stop=tuple(stop),
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-    )
-
-
-def logprobs_within(settings: Settings, field: str, count: int | None) -> int | None:
-    """``count`` alternatives per token, refused above MAX_LOGPROBS."""
-    if count is not None and count > settings.max_logprobs:
+    field, alternatives = logprobs
+    if alternatives is not None and alternatives > settings.max_logprobs:
         raise ApiError(
             422,
-            f"{field}: {count} is above this server's limit of {settings.max_logprobs} "
+            f"{field}: {alternatives} is above this server's limit of {settings.max_logprobs} "
             "(MAX_LOGPROBS)",
             param=field,
         )
-    return count
+    return SamplingParams(
+        max_new_tokens=requested,
+        stop=tuple(stop),
+        logprobs=alternatives,
+        prompt_logprobs=prompt_logprobs,
+        **{knob: getattr(request, knob) for knob in SAMPLING_KNOBS},
+    )
