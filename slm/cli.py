@@ -11,6 +11,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from model.evaluate import EvalReport
 
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 
@@ -110,6 +116,96 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from model.atomic import atomic_write_bytes
+    from model.evaluate import EvalReport, format_table
+    from worker.data import load_split
+
+    if args.compare:
+        if args.checkpoints or args.data or args.out:
+            raise ValueError(
+                "--compare prints saved reports: it takes no checkpoint, --data or --out"
+            )
+        print(format_table([EvalReport.from_json(p.read_bytes(), str(p)) for p in args.compare]))
+        return 0
+    if args.data is None:
+        raise ValueError("--data DATA_DIR (a folder from `slm prepare`) is required")
+    paths = [find_checkpoint(path) for path in args.checkpoints or [None]]
+    if args.out is not None and len(paths) > 1:
+        raise ValueError(
+            "--out names one file: with several checkpoints, leave it out and each report is "
+            "written beside its checkpoint"
+        )
+    tokens = load_split(args.data, "val")
+    reports = []
+    for path in paths:
+        report = _evaluate_checkpoint(path, tokens, args)
+        out = args.out or path.with_suffix(".eval.json")
+        atomic_write_bytes(out, report.to_json())
+        print(f"[{report.name}: report written to {out}]", file=sys.stderr)
+        reports.append(report)
+    print(format_table(reports))
+    return 0
+
+
+def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespace) -> EvalReport:
+    """One checkpoint's EvalReport, with a progress bar per measurement."""
+    from tqdm import tqdm
+
+    from contract.jobs import checkpoint_version
+    from model.checkpoint import load_checkpoint
+    from model.device import pick_device
+    from model.evaluate import EvalReport, generation_stats, story_endings, windowed_loss
+
+    model, meta = load_checkpoint(path, device=pick_device(args.device))
+    model = model.float()  # the numbers must not depend on the dtype the weights were saved in
+    name = checkpoint_version(path.parent.name, meta.name)
+    bars: dict[str, tqdm] = {}
+
+    def show(what: str, done: int, total: int) -> None:
+        if what not in bars:
+            bars[what] = tqdm(
+                desc=f"{name} {what}", total=total, file=sys.stderr, disable=args.quiet
+            )
+        bars[what].update(done - bars[what].n)
+        if done == total:
+            bars[what].close()  # one bar at a time on the terminal
+
+    try:
+        loss = windowed_loss(
+            model, tokens, window=args.window, batch_size=args.batch_size, progress=show
+        )
+        endings = story_endings(
+            model,
+            tokens,
+            stories=args.endings,
+            choices=args.choices,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=show,
+        )
+        generation = generation_stats(
+            model,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            progress=show,
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return EvalReport(
+        name=name,
+        checkpoint=str(path),
+        step=meta.step,
+        data=str(args.data),
+        loss=loss,
+        endings=endings,
+        generation=generation,
+    )
 
 
 def _export_hf(args: argparse.Namespace) -> int:
@@ -285,6 +381,15 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from model.config import PRESETS
+    from model.evaluate import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_CHOICES,
+        DEFAULT_ENDING_STORIES,
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_SAMPLES,
+        DEFAULT_TEMPERATURE,
+        DEFAULT_TOP_K,
+    )
     from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
 
     parser = argparse.ArgumentParser(
@@ -336,6 +441,67 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     gen.add_argument("--int8", action="store_true", help="int8 weights (CPU), ~2x faster")
     gen.set_defaults(handler=_generate)
+
+    ev = commands.add_parser(
+        "eval",
+        help="measure checkpoints on a prepared valid split; print them side by side, write JSON",
+        description="Val loss, perplexity and bits per byte over every window of the valid "
+        "split; accuracy at picking each story's true last sentence among other stories' "
+        "(chance = 1/choices); diversity, repetition and length of stories sampled at seeds "
+        "0..N-1. model/evaluate.py says exactly what each number is. Each checkpoint's report is "
+        "written as JSON beside it (<name>.eval.json) or to --out; --compare prints saved reports "
+        "side by side.",
+    )
+    ev.add_argument("checkpoints", type=Path, nargs="*", metavar="CHECKPOINT", help=checkpoint_help)
+    ev.add_argument("--data", type=Path, metavar="DATA_DIR", help="from `slm prepare`")
+    ev.add_argument("--out", type=Path, metavar="FILE", help="the JSON report (one checkpoint)")
+    ev.add_argument(
+        "--compare", type=Path, nargs="+", metavar="REPORT", help="print saved reports instead"
+    )
+    ev.add_argument("--window", type=int, help="tokens predicted per window (default: block_size)")
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="windows or questions per forward (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--endings",
+        type=int,
+        default=DEFAULT_ENDING_STORIES,
+        help="valid stories in the ending test (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--choices",
+        type=int,
+        default=DEFAULT_CHOICES,
+        help="endings per question, the true one included (default: %(default)s)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="picks the wrong endings (default: 0)")
+    ev.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help="stories to generate (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="length cap of each story (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help="of the sampled stories (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help="0 = off (default: %(default)s)"
+    )
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(handler=_eval)
 
     hf = commands.add_parser("export-hf", help="write a Hugging Face GPT2LMHeadModel folder")
     hf.add_argument("checkpoint", type=Path, help=checkpoint_help)

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,9 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from contract.train import TrainConfig
 from model.atomic import atomic_write_bytes
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.evaluate import token_byte_lengths
 from model.gpt import GPT
-from model.tokenizer import get_tokenizer
-from worker.data import EOT_ID, load_split
+from worker.data import load_split
 from worker.state import TrainState, has_state, load_state, save_state
 
 HISTORY = "history.json"
@@ -105,16 +104,6 @@ def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-
-
-@cache
-def token_byte_lengths() -> Tensor:
-    """UTF-8 bytes each GPT-2 token stands for, to turn nats per token into bits per byte.
-    <|endoftext|> counts one byte: it stands for the separator line, not its 13 characters."""
-    tokenizer = get_tokenizer()
-    lengths = [len(tokenizer.token_bytes(i)) for i in range(tokenizer.n_vocab)]
-    lengths[EOT_ID] = 1
-    return torch.tensor(lengths, dtype=torch.float64)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
