@@ -23,15 +23,10 @@ class KVCache:
         self,
         config: GPTConfig,
         max_batch: int,
-        max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_len = max_len or config.block_size
-        if self.max_len > config.block_size:
-            raise ValueError(
-                f"cache length {self.max_len} exceeds the model's block_size {config.block_size}"
-            )
+        self.max_len = config.block_size
         shape = (config.n_layer, max_batch, config.n_head, self.max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)

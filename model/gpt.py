@@ -112,9 +112,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_parameters(self, exclude_positions: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
-        return total - self.transformer.wpe.weight.numel() if exclude_positions else total
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     def hidden_states(
         self,

@@ -126,9 +126,6 @@ class Tokenizer:
         For clients that learn the special token's id by tokenizing its text (lm-eval)."""
         return self._encoding.encode(text, allowed_special="all")
 
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return self._encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids: list[int]) -> str:
         return self._encoding.decode(ids, errors="replace")
 
