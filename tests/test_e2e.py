@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import REPO, free_port, metric, sse_events, wait_for
+from servers import REPO, free_port, metric, sse_events, wait_for, write_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 JOB = {
@@ -217,9 +218,12 @@ def test_train_job_to_streamed_story_with_hot_reload(stack: Stack) -> None:
 
 
 # CI installs Debian's chromium (.ci/run): there a missing browser is a failure, not a skip.
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
 )
+
+
+@needs_chromium
 def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
@@ -297,6 +301,60 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             assert drawn > 500, "the loss chart drew nothing"
             page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
             assert (tmp_path / "playground.png").stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+@needs_chromium
+def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    # run-a saves last, so it is the newest run: run-b writes only if the request names it.
+    # run-gone is listed, then deleted before anyone asked for it. It is saved aside and moved
+    # in last, so it is never the newest run (which the service would load at once).
+    write_checkpoint(tmp_path / "run-gone", seed=2)
+    version_b = write_checkpoint(stack.checkpoint_dir / "run-b", seed=1)
+    version_a = write_checkpoint(stack.checkpoint_dir / "run-a", seed=0)
+    shutil.move(tmp_path / "run-gone", stack.checkpoint_dir / "run-gone")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(stack.base_url + "/")
+            picker = page.get_by_label("Run", exact=True)
+            for version in (version_a, version_b):
+                run, checkpoint = version.split("/")
+                expect(picker.locator(f"option[value='{run}']")).to_have_text(
+                    f"{run} ({checkpoint})"
+                )
+            expect(picker).to_have_value("")  # "Newest run": the request names no model
+
+            picker.select_option("run-b")
+            page.get_by_label("Max new tokens").fill("8")
+            with page.expect_request(lambda request: request.url.endswith("/generate")) as sent:
+                page.get_by_role("button", name="Generate").click()
+            assert sent.value.post_data_json["model"] == "run-b"
+            info = page.locator("#story-info")
+            expect(info).to_contain_text(f"model {version_b},", timeout=30_000)
+            expect(page.locator("#story-text")).not_to_be_empty()
+
+            # A run deleted since the picker listed it: the server's 404 message is shown, and
+            # the picker drops it (back to the newest run).
+            shutil.rmtree(stack.checkpoint_dir / "run-gone")
+            picker.select_option("run-gone")
+            page.get_by_role("button", name="Generate").click()
+            expect(info).to_contain_text("no run 'run-gone'")
+            expect(picker.locator("option[value='run-gone']")).to_have_count(0)
+            expect(picker).to_have_value("")
+
+            # A phone: the picker is there and nothing scrolls sideways.
+            page.set_viewport_size({"width": 390, "height": 844})
+            expect(picker).to_be_visible()
+            scrolled, shown = page.locator("html").evaluate(
+                "(root) => [root.scrollWidth, root.clientWidth]"
+            )
+            assert scrolled <= shown, f"the page is {scrolled} px wide in a {shown} px window"
         finally:
             browser.close()
 

@@ -1,4 +1,5 @@
-// The playground: streams stories from POST /generate and drives /train-jobs.
+// The playground: streams stories from POST /generate, from the run picked among GET /v1/models,
+// and drives /train-jobs.
 // EventSource cannot POST, so the stream is read from fetch() and its server-sent events parsed
 // here; aborting the fetch closes the connection, and the server drops the story from its batch.
 "use strict";
@@ -28,9 +29,46 @@ async function refreshModel() {
     $("model-status").textContent = response.ok
       ? `Model ${body.model} (step ${body.step})`
       : body.error?.message ?? "No model loaded yet";
+    // The default option names the version a request without `model` gets now.
+    $("model").options[0].textContent = response.ok ? `Newest run (${body.model})` : "Newest run";
   } catch {
     $("model-status").textContent = "The service does not answer";
   }
+}
+
+// The run picker: one option per run GET /v1/models lists, after "Newest run" (value "", so the
+// request names no model). Rebuilt only when the list changed, so an open picker is left alone,
+// and the user's choice is kept while its run is still listed.
+async function refreshRuns() {
+  let cards;
+  try {
+    const response = await fetch("/v1/models", { headers: authHeaders() });
+    if (!response.ok) {
+      $("model-note").textContent = `Runs not listed: ${await errorMessage(response)}`;
+      return;
+    }
+    cards = (await response.json()).data;
+  } catch {
+    return; // the status line already says the service does not answer
+  }
+  $("model-note").textContent = "";
+  const select = $("model");
+  const options = cards.map((card) => {
+    const option = document.createElement("option");
+    option.value = card.id;
+    // The version is "<run>/<checkpoint>": the run's name is shown once.
+    const checkpoint = card.version.startsWith(`${card.id}/`)
+      ? card.version.slice(card.id.length + 1)
+      : card.version;
+    option.textContent = `${card.id} (${checkpoint})`;
+    option.title = card.version;
+    return option;
+  });
+  const listed = (list) => JSON.stringify(list.map((option) => [option.value, option.textContent]));
+  if (listed(options) === listed([...select.options].slice(1))) return;
+  const chosen = select.value;
+  select.replaceChildren(select.options[0], ...options);
+  select.value = options.some((option) => option.value === chosen) ? chosen : "";
 }
 
 // --- server-sent events over fetch ------------------------------------------------------------
@@ -71,6 +109,7 @@ function generationRequest(form) {
   for (const name of ["temperature", "top_p", "repetition_penalty"]) {
     if (fields.get(name) !== "") request[name] = parseFloat(fields.get(name));
   }
+  if (fields.get("model")) request.model = fields.get("model"); // else the newest run writes
   return request;
 }
 
@@ -93,6 +132,7 @@ async function generate(event) {
     });
     if (!response.ok) {
       $("story-info").textContent = await errorMessage(response);
+      if (response.status === 404) refreshRuns(); // the run is gone: drop it from the picker
       return;
     }
     for await (const { event: name, data } of serverSentEvents(response)) {
@@ -220,6 +260,7 @@ async function pollJob() {
     watchTimer = setTimeout(pollJob, 1000);
   } else {
     refreshModel();
+    refreshRuns();
     refreshJobs();
   }
 }
@@ -280,6 +321,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = localStorage.getItem("slm-api-key") ?? "";
   $("api-key").addEventListener("change", () => {
     localStorage.setItem("slm-api-key", $("api-key").value.trim());
+    refreshRuns();
     refreshJobs();
   });
   $("generate-form").addEventListener("submit", generate);
@@ -294,6 +336,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
   $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
   refreshModel();
+  refreshRuns();
   refreshJobs();
-  setInterval(refreshModel, 10000);
+  setInterval(() => {
+    refreshModel();
+    refreshRuns();
+  }, 10000);
 });
