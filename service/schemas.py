@@ -84,10 +84,10 @@ class Logprob(Alternative):
 def logprob_of(score: TokenLogprob, tokenizer: Tokenizer) -> Logprob:
     return Logprob(
         token_id=score.token_id,
-        token=tokenizer.decode([score.token_id]),
+        token=tokenizer.token_text(score.token_id),
         logprob=score.logprob,
         top=[
-            Alternative(token_id=token, token=tokenizer.decode([token]), logprob=logprob)
+            Alternative(token_id=token, token=tokenizer.token_text(token), logprob=logprob)
             for token, logprob in score.top
         ],
     )

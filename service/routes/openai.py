@@ -138,7 +138,7 @@ class _Offsets:
     def logprobs(self, tokens: list[int], scores: list[TokenLogprob | None]) -> CompletionLogprobs:
         answer = CompletionLogprobs()
         for token, score in zip(tokens, scores, strict=True):
-            text = self.tokenizer.decode([token])
+            text = self.tokenizer.token_text(token)
             answer.tokens.append(text)
             answer.text_offset.append(self.position)
             self.position += len(text)
@@ -148,7 +148,7 @@ class _Offsets:
                 continue
             answer.token_logprobs.append(score.logprob)
             # vLLM's shape, which lm-eval reads: the alternatives and the token itself.
-            top = {self.tokenizer.decode([t]): logprob for t, logprob in score.top}
+            top = {self.tokenizer.token_text(t): logprob for t, logprob in score.top}
             top.setdefault(text, score.logprob)
             answer.top_logprobs.append(top)
         return answer
@@ -278,7 +278,7 @@ async def _completion_chunks(
 def _chat_logprobs(scores: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogprobs:
     def entry(token: int, logprob: float) -> TopLogprob:
         return TopLogprob(
-            token=tokenizer.decode([token]),
+            token=tokenizer.token_text(token),
             logprob=logprob,
             bytes=list(tokenizer.token_bytes(token)),
         )
