@@ -94,15 +94,12 @@ class TokenLogprob:
 def token_logprobs(logits: Tensor, chosen: Tensor, top: int) -> list[TokenLogprob]:
     """Log-probabilities of ``chosen`` (N,) under ``logits`` (N, vocab), each with the ``top``
     likeliest tokens."""
-    # log_softmax at only the entries wanted: one pass less over (N, vocab) than normalising all.
-    logits = logits.float()
-    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-    picked = (logits.gather(1, chosen[:, None]) - normaliser)[:, 0].tolist()
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
     ids = chosen.tolist()
     if not top:
         return [TokenLogprob(t, p) for t, p in zip(ids, picked, strict=True)]
-    values, tokens = logits.topk(min(top, logits.shape[-1]), dim=-1)
-    values -= normaliser
+    values, tokens = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
     return [
         TokenLogprob(t, p, tuple(zip(row_tokens, row_values, strict=True)))
         for t, p, row_tokens, row_values in zip(
