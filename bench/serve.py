@@ -45,12 +45,13 @@ PROMPT = "Once upon a time, there was a little girl who loved to"
 # Nearly a whole 512-token context: the prompt that arrives while streams are running.
 LONG_PROMPT = "Once upon a time there was a little girl named Lily who loved to play. " * 28
 MODES = ("sampled", "greedy")
+RUN = "bench"  # our run's name: `model` in every request (llama-server takes any name)
 
 
 def request_body(mode: str, new_tokens: int, seed: int, prompt: str = PROMPT) -> dict:
     """The same body for both servers."""
     body = {
-        "model": "slm",
+        "model": RUN,
         "prompt": prompt,
         "max_tokens": new_tokens,
         "seed": seed,
@@ -276,7 +277,7 @@ def main() -> None:
         subprocess.run(
             [
                 *("slm", "init", "--preset", args.preset, "--block-size", str(args.block_size)),
-                *("--out", str(checkpoints / "bench")),
+                *("--out", str(checkpoints / RUN)),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
