@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from model import GPT, preset
-from model.generate import BatchGenerator, StopStrings, complete, generate
+from model.generate import (
+    BatchGenerator,
+    StopStrings,
+    complete,
+    generate,
+    scored_tokens,
+    token_logprobs,
+)
 from model.sampling import SamplingParams
 from tests.conftest import sharp_model
 
@@ -117,14 +124,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_stories_keep_streami
 
 def test_arrivals_are_prefilled_together_within_the_token_budget(tiny_model, tokenizer) -> None:
     generator = BatchGenerator(tiny_model, max_batch=12, prefill_tokens=32)
-    prompt = tokenizer.encode("Once upon a time there was a dog")  # 8 tokens
     params = SamplingParams(max_new_tokens=50, temperature=0)
+    running = generator.add(tokenizer.encode("Once"), params)
+    generator.step()
+    prompt = tokenizer.encode("Once upon a time there was a dog")  # 8 tokens
     arrivals = [generator.add(prompt, params) for _ in range(6)]
     first = generator.step()  # 4 prompts × 8 tokens fill one forward's 32
-    assert sorted(e.sequence_id for e in first) == [s.id for s in arrivals[:4]]
+    assert sorted(e.sequence_id for e in first) == [running.id] + [s.id for s in arrivals[:4]]
     second = generator.step()  # the 4 decode, the other 2 join them
-    assert sorted(e.sequence_id for e in second) == [s.id for s in arrivals]
+    assert sorted(e.sequence_id for e in second) == [running.id] + [s.id for s in arrivals]
     assert arrivals[5].generated == arrivals[0].generated[:1]
+
+
+def test_with_nothing_decoding_a_prefill_takes_four_budgets(tiny_model, tokenizer) -> None:
+    generator = BatchGenerator(tiny_model, max_batch=20, prefill_tokens=32)
+    prompt = tokenizer.encode("Once upon a time there was a dog")  # 8 tokens
+    arrivals = [generator.add(prompt, SamplingParams(max_new_tokens=5)) for _ in range(20)]
+    first = generator.step()  # no stream waits: 16 prompts × 8 tokens, four budgets of 32
+    assert sorted(e.sequence_id for e in first) == [s.id for s in arrivals[:16]]
 
 
 def test_same_seed_same_story_and_another_seed_another(tiny_model) -> None:
@@ -293,3 +310,19 @@ def test_int8_logits_stay_close_to_fp32(tokenizer) -> None:
         generate(model, "Once upon a time", SamplingParams(max_new_tokens=5), quantization="int8")
     )
     assert result[-1].finish_reason in ("length", "end_of_text")
+
+
+@pytest.mark.parametrize("top", [0, 1, 5])
+def test_scoring_a_vocabulary_slice_at_a_time_equals_the_whole_softmax(top) -> None:
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(50257, 64) * 0.3, torch.randn(37, 64)
+    chosen = torch.randint(0, 50257, (37,))
+    sliced = scored_tokens(hidden, weight, chosen, top)
+    whole = token_logprobs(hidden @ weight.t(), chosen, top)
+    for by_slice, at_once in zip(sliced, whole, strict=True):
+        assert by_slice.token_id == at_once.token_id
+        assert by_slice.logprob == pytest.approx(at_once.logprob, abs=1e-5)
+        assert [token for token, _ in by_slice.top] == [token for token, _ in at_once.top]
+        assert [value for _, value in by_slice.top] == pytest.approx(
+            [value for _, value in at_once.top], abs=1e-5
+        )
