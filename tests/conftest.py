@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from servers import redis_server
+from weights import sharp_model
 
-from model import GPT, GPTConfig, preset
+from model import GPT, preset
 from model.tokenizer import Tokenizer, get_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -18,18 +18,6 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return get_tokenizer()
-
-
-def sharp_model(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model in eval mode whose weights are large enough that its next-token distribution is
-    peaked: fresh GPT-2 initialisation gives near-uniform logits, where float rounding alone
-    could flip a greedy choice and make exact-token comparisons meaningless."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture

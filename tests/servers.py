@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from contract.broker import free_port, redis_answers
 
@@ -152,12 +153,17 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
 
 
 def metric(metrics_text: str, sample: str, missing: float | None = None) -> float:
-    """The value of one sample (a name, with its labels if it has any) in /metrics' text. A
+    """The value of one sample in /metrics' text, named as ``name{label="value",...}`` with its
+    labels in alphabetical order (or the bare name), read by prometheus_client's own parser. A
     sample not exported is ``missing`` when given (a labelled counter before its first count),
     else a failure."""
-    for line in metrics_text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
+    values = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for name, labels, value, *_ in family.samples:
+            spelled = ",".join(f'{key}="{labels[key]}"' for key in sorted(labels))
+            values[f"{name}{{{spelled}}}" if labels else name] = value
+    if sample in values:
+        return values[sample]
     assert missing is not None, f"{sample} is missing from /metrics"
     return missing
 
@@ -165,9 +171,10 @@ def metric(metrics_text: str, sample: str, missing: float | None = None) -> floa
 def write_checkpoint(run_dir: Path, seed: int = 0, step: int = 1) -> str:
     """A `tiny` checkpoint with decisive weights (greedy output does not hinge on rounding);
     returns its version, ``<run>/<name>``, as the service reports it."""
+    from weights import sharp_model
+
     from model import preset
     from model.checkpoint import save_checkpoint
-    from tests.conftest import sharp_model
 
     meta_path = save_checkpoint(run_dir, sharp_model(preset("tiny"), seed=seed), step=step)
     return f"{run_dir.name}/{meta_path.stem}"

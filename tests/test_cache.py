@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from weights import sharp_model
 
 from model import preset
 from model.cache import KVCache
 from model.generate import BatchGenerator
 from model.sampling import SamplingParams
-from tests.conftest import sharp_model
 
 
 def full_logits(model, tokens: list[int]) -> torch.Tensor:

@@ -15,12 +15,12 @@ import tiktoken
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from weights import sharp_model
 
 from model import GPT, GPTConfig
 from model.export.gguf import GGUF_TYPES, export_gguf
 from model.export.hf import EXPORT_FILES, export_hf
 from model.export.vocab import gpt2_vocab_and_merges
-from tests.conftest import sharp_model
 
 EOT = 50256
 TEXTS = [

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from weights import sharp_model
 
 from model import GPT, preset
 from model.generate import (
@@ -17,7 +18,6 @@ from model.generate import (
     token_logprobs,
 )
 from model.sampling import SamplingParams
-from tests.conftest import sharp_model
 
 PROMPTS = [
     "Once upon a time",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from servers import ApiServer, api_server, sse_events, wait_for, write_checkpoint
+from servers import ApiServer, api_server, metric, sse_events, wait_for, write_checkpoint
 
 from contract.jobs import CHECKPOINT_CHANNEL, CheckpointAnnouncement
 
@@ -60,9 +60,8 @@ def story(server: ApiServer, max_new_tokens: int, started: threading.Event | Non
 
 def reloads(server: ApiServer, outcome: str) -> float:
     with server.client() as client:
-        lines = client.get("/metrics").text.splitlines()
-    sample = f'slm_reloads_total{{outcome="{outcome}"}} '
-    return next((float(line.split()[-1]) for line in lines if line.startswith(sample)), 0.0)
+        text = client.get("/metrics").text
+    return metric(text, f'slm_reloads_total{{outcome="{outcome}"}}', missing=0.0)
 
 
 def test_a_new_checkpoint_during_eight_streams_fails_none_and_each_keeps_its_version(
