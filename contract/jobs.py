@@ -28,8 +28,7 @@ MAX_TOKENS_PER_MICRO_BATCH = 1 << 18  # batch_size × block_size: 512 windows of
 HISTORY_LIMIT = 500  # loss points kept in a job's meta; older ones are thinned, not dropped
 
 JOB_FUNCTION = "worker.jobs.train_job"
-PROGRESS_META_KEY = "progress"
-SPEC_META_KEY = "spec"
+PROGRESS_META_KEY = "progress"  # the spec itself is the job's one argument, kept once
 CHECKPOINT_CHANNEL = "slm:checkpoints"
 LATEST_CHECKPOINT_KEY = "slm:checkpoints:latest"
 
@@ -43,6 +42,16 @@ def checkpoint_version(run: str, name: str) -> str:
 def stop_key(job_id: str) -> str:
     """Set by the API to ask a running job to stop; read by the job after every step."""
     return f"slm:train-jobs:{job_id}:stop"
+
+
+def index_key(queue: str) -> str:
+    """A sorted set of the queue's train-job ids by creation time, for a newest-first list."""
+    return f"slm:train-jobs:{queue}:index"
+
+
+def run_key(queue: str, run: str) -> str:
+    """The id of the job that last claimed run folder ``run``, so two live jobs never share it."""
+    return f"slm:train-jobs:{queue}:run:{run}"
 
 
 class DataSpec(BaseModel):

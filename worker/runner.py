@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 
-from rq import Queue, Worker
+from rq import Worker
 from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from contract.broker import connect
 from contract.jobs import stop_key
 from contract.settings import Settings
+from contract.store import train_queue
 
 log = logging.getLogger("slm.worker")
 
@@ -56,14 +56,11 @@ def run_worker(settings: Settings, *, queue_name: str | None = None, burst: bool
     """Work on the queue until stopped (or, with ``burst``, until it is empty). Needs
     ``settings.redis_url``; ``slm worker`` starts an embedded Redis when it is unset."""
     connection = connect(settings)
-    # JSON, not RQ's default pickle: nothing read back from Redis can run code in this process.
-    queue = Queue(
-        queue_name or settings.queue_name, connection=connection, serializer=JSONSerializer
-    )
+    queue = train_queue(connection, queue_name or settings.queue_name)
     worker = TrainWorker(
         [queue],
         connection=connection,
-        serializer=JSONSerializer,
+        serializer=queue.serializer,  # the worker reads jobs back as the queue wrote them
         job_monitoring_interval=settings.job_heartbeat_s,
         maintenance_interval=settings.job_abandoned_after_s,
     )
