@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
     checkpoint_interval: int = Field(
         1000, ge=0, le=100_000_000, description="steps between periodic checkpoints (0 = end)"
     )
+    keep_checkpoints: int = Field(
+        3,
+        ge=1,
+        le=1_000_000,
+        description="periodic checkpoints kept, newest first; older ones are deleted (best stays)",
+    )
 
     # Hardware and reproducibility.
     dtype: Dtype = Field(

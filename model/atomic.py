@@ -39,6 +39,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def remove_stale_temporaries(folder: Path, older_than: float) -> list[Path]:
+    """Delete the temporary files ``atomic_write_bytes`` left in ``folder`` (a writer killed
+    before its ``os.replace``) that were last written before ``older_than`` (a ``time.time()``),
+    so a writer that passes its own start time never removes what it is writing; returns them."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        try:
+            if path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            continue
+    return removed
+
+
 def fsync_directory(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
     try:

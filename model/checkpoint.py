@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from model.atomic import atomic_write_bytes
+from model.atomic import atomic_write_bytes, remove_stale_temporaries
 from model.config import GPTConfig
 from model.gpt import GPT
 
@@ -39,6 +40,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # A plain file name: no folders, no "..", no hidden files, nothing a shell would trip on.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The names save_checkpoint gives periodic checkpoints; anything else (``best``) is never pruned.
+_PERIODIC = re.compile(r"step-(\d{8,})")
 # Retention in the trainer may delete the checkpoint a reader is halfway through; the reader
 # then follows the manifest to the newer one, at most this many times.
 _LOAD_RETRIES = 2
@@ -195,6 +198,7 @@ def save_checkpoint(
     ``manifest=False`` writes a side copy (the trainer's ``best``) that readers following the
     manifest never switch to: what they serve stays the run's latest, each under its own name."""
     run_dir = Path(run_dir)
+    started = time.time()
     name = f"step-{step:08d}" if name is None else name
     _check(
         model.lm_head.weight is model.transformer.wte.weight,
@@ -231,11 +235,42 @@ def save_checkpoint(
         {"format_version": FORMAT_VERSION, "name": meta.name, "created_at": meta.created_at}
     )
     meta_path = run_dir / f"{meta.name}.json"
+    # A writer killed mid-save leaves its temporary files behind, each as large as a checkpoint.
+    remove_stale_temporaries(run_dir, older_than=started)
     atomic_write_bytes(run_dir / meta.weights_file, weights)
     atomic_write_bytes(meta_path, meta_json)
     if manifest:
         atomic_write_bytes(run_dir / MANIFEST, manifest_json)
     return meta_path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[str]:
+    """Delete the periodic checkpoints (``step-NNNNNNNN``) but the ``keep`` newest by step, and
+    return the names deleted, oldest first. Call it after the manifest has moved on.
+
+    Other names (the trainer's ``best``) are side copies, never periodic, and stay; so does the
+    checkpoint the manifest names, even when it is not among the newest (a service may be
+    loading it). Weights left without metadata by a writer killed mid-save are periodic leftovers
+    like any other and go too."""
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"keep must be an integer of at least 1, got {keep!r}")
+    run_dir = Path(run_dir)
+    current = latest_checkpoint(run_dir)
+    steps: dict[str, int] = {}
+    for path in run_dir.iterdir():
+        if path.suffix in (".json", WEIGHTS_SUFFIX) and (found := _PERIODIC.fullmatch(path.stem)):
+            steps[path.stem] = int(found[1])
+    newest_first = sorted(steps, key=steps.__getitem__, reverse=True)
+    doomed = [name for name in newest_first[keep:] if current is None or name != current.stem]
+    for name in doomed:
+        # Metadata first, weights second: the reverse of the order save_checkpoint writes them,
+        # so a .json in the folder always has its weights beside it. A reader that resolved the
+        # manifest just before it moved then finds the .json gone, or (if it got the .json in
+        # time) the weights gone; either is a CheckpointError, and load_checkpoint's retry
+        # follows the manifest, which no longer names this checkpoint, to the one that does.
+        (run_dir / f"{name}.json").unlink(missing_ok=True)
+        (run_dir / f"{name}{WEIGHTS_SUFFIX}").unlink(missing_ok=True)
+    return doomed[::-1]
 
 
 def _read_manifest(run_dir: Path) -> tuple[Path, datetime] | None:

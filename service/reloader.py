@@ -240,7 +240,12 @@ class Reloader:
 
     def _load(self, path: Path, version: str, default: bool) -> LoadedModel:
         use_torch_threads(1)
-        model, meta = load_checkpoint(path, device=pick_device(self.settings.device))
+        # Through the run folder, not the metadata path: if the trainer's retention deletes this
+        # checkpoint mid-load, load_checkpoint then follows the manifest to its successor.
+        model, meta = load_checkpoint(path.parent, device=pick_device(self.settings.device))
+        if meta.name != path.stem:
+            path = path.with_name(f"{meta.name}.json")
+            version = version_of(path)
         loaded = LoadedModel(model=model, meta=meta, path=path, version=version)
         self.engine.install(loaded, default=default)
         return loaded

@@ -2,7 +2,7 @@
 
 A run folder (``run_dir``) ends up holding::
 
-    step-00001000.{safetensors,json}   periodic checkpoints (model.checkpoint's format)
+    step-00001000.{safetensors,json}   the keep_checkpoints newest periodic checkpoints
     best.{safetensors,json}            the checkpoint with the lowest validation loss so far
     latest.json                        the manifest: the checkpoint written last
     train-state.json, state-*.safetensors   what exact resume needs (worker.state)
@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from contract.train import TrainConfig
 from model.atomic import atomic_write_bytes
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from model.evaluate import token_byte_lengths
 from model.gpt import GPT
 from worker.data import load_split
@@ -273,7 +273,8 @@ class Trainer:
         return model
 
     def _check_resumable(self, state: TrainState) -> None:
-        saved = state.config
+        # A setting added since the run started is missing from its state: it ran with the default.
+        saved = {**TrainConfig().model_dump(), **state.config}
         given = self.config.model_dump()
         changed = sorted(k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k))
         if changed:
@@ -523,6 +524,8 @@ class Trainer:
                 rng=rng,
             ),
         )
+        # Only now: the training state names this checkpoint, so a resume never needs an older one.
+        prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
 
     def _rng_states(self) -> dict[str, Tensor]:
         states = {"torch": torch.get_rng_state()}
