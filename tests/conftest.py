@@ -1,7 +1,10 @@
-"""Shared fixtures: the real GPT-2 tokenizer and small models with decisive weights."""
+"""Shared fixtures: the real GPT-2 tokenizer and small models with decisive weights; and a check
+that the suite leaves no process behind."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +64,37 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """A real Redis for the session (see servers.redis_server)."""
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+def _leftovers() -> list[str]:
+    """Live processes of this session's process group (what tests started, servers and workers
+    and their children, orphans included: a process keeps its group when its parent dies), except
+    pytest itself and the processes that started it."""
+    group, ancestors, pid = os.getpgid(0), set(), os.getpid()
+    while pid > 1:
+        ancestors.add(pid)
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            state, process_group = fields[0], int(fields[2])
+            if process_group == group and int(entry.name) not in ancestors and state != "Z":
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{entry.name}: {command.strip()}")
+        except (OSError, ValueError, IndexError):  # not a process, or it just exited
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The suite leaves nothing running (an `slm prepare` pool once outlived its killed parent
+    for minutes): fail the session if a process it started is still alive a few seconds on."""
+    if not Path("/proc/self/stat").exists():  # Linux only
+        return
+    deadline = time.monotonic() + 10
+    while (left := _leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        print("\nprocesses the tests left running:\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
