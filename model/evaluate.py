@@ -63,7 +63,7 @@ from torch import Tensor
 
 from model.generate import BatchGenerator
 from model.gpt import GPT
-from model.sampling import SamplingParams
+from model.sampling import STORY_TEMPERATURE, STORY_TOP_K, SamplingParams
 from model.tokenizer import Tokenizer, get_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
@@ -71,8 +71,6 @@ DEFAULT_ENDING_STORIES = 200
 DEFAULT_CHOICES = 4
 DEFAULT_SAMPLES = 16
 DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 200
 REPETITION_N = 4
 # Output-layer rows turned into logits at once: 512 × 50,257 fp32 logits are 100 MB.
 CHUNK_ROWS = 512
@@ -400,8 +398,8 @@ def generation_stats(
     tokenizer: Tokenizer | None = None,
     samples: int = DEFAULT_SAMPLES,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int = DEFAULT_TOP_K,
+    temperature: float = STORY_TEMPERATURE,
+    top_k: int = STORY_TOP_K,
     progress: Progress | None = None,
 ) -> GenerationStats:
     """Diversity, repetition and length of ``samples`` stories at seeds 0 .. samples-1."""

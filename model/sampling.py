@@ -47,6 +47,12 @@ MAX_SEED = 2**63 - 1
 # first, and sort the whole vocabulary only when it is not there (a flat distribution).
 NUCLEUS_CANDIDATES = 256
 
+# How stories are written unless a request says otherwise: the one set `slm generate`, `slm eval`,
+# POST /generate and the playground use (nanoGPT's sample.py settings, which suit models this
+# size). The OpenAI routes keep OpenAI's own defaults, which their clients expect.
+STORY_TEMPERATURE = 0.8
+STORY_TOP_K = 200
+
 _MASK32 = 0xFFFFFFFF
 _TWO_TO_MINUS_32 = 2.0**-32
 _FLOAT32_MAX = torch.finfo(torch.float32).max

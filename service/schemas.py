@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contract.settings import Settings
 from model.generate import FinishReason, TokenLogprob
-from model.sampling import MAX_SEED, SamplingParams
+from model.sampling import MAX_SEED, STORY_TEMPERATURE, STORY_TOP_K, SamplingParams
 from model.tokenizer import Tokenizer, get_tokenizer
 from service.engine import Finish, TextPiece
 from service.errors import ApiError
@@ -33,8 +33,10 @@ class GenerateRequest(BaseModel):
         "last block_size tokens (the answer says prompt_truncated)",
     )
     max_new_tokens: int = Field(200, ge=1, description="at most MAX_NEW_TOKENS")
-    temperature: float = Field(1.0, ge=0, description="0 is greedy decoding")
-    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0: off")
+    temperature: float = Field(STORY_TEMPERATURE, ge=0, description="0 is greedy decoding")
+    top_k: int | None = Field(
+        STORY_TOP_K, ge=0, description="keep the k most likely tokens; 0 or null: off"
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     min_p: float = Field(
         0.0, ge=0, le=1, description="drop tokens less likely than min_p × the likeliest's"

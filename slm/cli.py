@@ -387,9 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_ENDING_STORIES,
         DEFAULT_MAX_NEW_TOKENS,
         DEFAULT_SAMPLES,
-        DEFAULT_TEMPERATURE,
-        DEFAULT_TOP_K,
     )
+    from model.sampling import STORY_TEMPERATURE, STORY_TOP_K
     from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
 
     parser = argparse.ArgumentParser(
@@ -429,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", type=Path, help=checkpoint_help)
     gen.add_argument("--prompt", default="Once upon a time", help="the story's beginning")
     gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=200, help="0 = off")
+    gen.add_argument("--temperature", type=float, default=STORY_TEMPERATURE, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=STORY_TOP_K, help="0 = off")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -493,12 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--temperature",
         type=float,
-        default=DEFAULT_TEMPERATURE,
+        default=STORY_TEMPERATURE,
         help="of the sampled stories (default: %(default)s)",
     )
-    ev.add_argument(
-        "--top-k", type=int, default=DEFAULT_TOP_K, help="0 = off (default: %(default)s)"
-    )
+    ev.add_argument("--top-k", type=int, default=STORY_TOP_K, help="0 = off (default: %(default)s)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=_eval)

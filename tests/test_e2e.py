@@ -23,6 +23,8 @@ import httpx
 import pytest
 from servers import REPO, free_port, metric, sse_events, wait_for, write_checkpoint
 
+from service.schemas import GenerateRequest
+
 CHROMIUM = Path("/usr/bin/chromium")
 JOB = {
     "run_name": "e2e",
@@ -329,6 +331,17 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
                     f"{run} ({checkpoint})"
                 )
             expect(picker).to_have_value("")  # "Newest run": the request names no model
+            # The sampling inputs start at POST /generate's defaults: one set, the API's.
+            fields = GenerateRequest.model_fields
+            expect(page.get_by_label("Temperature")).not_to_have_value("")
+            for label, name in (
+                ("Temperature", "temperature"),
+                ("Top-k", "top_k"),
+                ("Top-p", "top_p"),
+                ("Max new tokens", "max_new_tokens"),
+            ):
+                shown = float(page.get_by_label(label).input_value())
+                assert shown == fields[name].default, (label, shown)
 
             picker.select_option("run-b")
             page.get_by_label("Max new tokens").fill("8")

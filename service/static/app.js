@@ -100,6 +100,26 @@ async function* serverSentEvents(response) {
 
 let running = null; // the AbortController of the story being written
 
+// The sampling inputs start at POST /generate's own defaults, read from its OpenAPI schema: the
+// page, the API and `slm generate` share one set (model/sampling.py's story defaults).
+const SAMPLING_INPUTS = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"];
+
+async function loadSamplingDefaults() {
+  try {
+    const schema = await (await fetch("/openapi.json")).json();
+    const fields = schema.components.schemas.GenerateRequest.properties;
+    const form = $("generate-form");
+    for (const name of SAMPLING_INPUTS) {
+      const value = fields[name]?.default;
+      if (form.elements[name].value === "" && value !== undefined && value !== null) {
+        form.elements[name].value = value;
+      }
+    }
+  } catch {
+    // Empty inputs are left out of the request, so the server's defaults apply all the same.
+  }
+}
+
 function generationRequest(form) {
   const fields = new FormData(form);
   const request = { prompt: fields.get("prompt"), stream: true };
@@ -335,6 +355,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("train-form").addEventListener("submit", submitJob);
   $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
   $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
+  loadSamplingDefaults();
   refreshModel();
   refreshRuns();
   refreshJobs();
