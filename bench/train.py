@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from contract.train import TrainConfig
 from model import GPT
+from model.device import pick_device
 from worker.data import prepare
-from worker.trainer import Progress, Trainer, param_groups, resolve_device, resolve_dtype
+from worker.trainer import Progress, Trainer, param_groups, resolve_dtype
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -56,7 +57,7 @@ def trainer_step_seconds(
 
 
 def bare_step_seconds(config: TrainConfig, steps: int, warmup: int) -> list[float]:
-    device = resolve_device(config.device, 0)
+    device = pick_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     model = GPT(config.model()).to(device).train()

@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
     from model.evaluate import EvalReport
 
-DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
-
-
 def checkpoint_dir() -> Path:
-    return Path(os.environ.get("CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
+    """CHECKPOINT_DIR, as the service and the worker read it."""
+    from contract.settings import Settings
+
+    return Settings().checkpoint_dir
 
 
 def find_checkpoint(path: Path | None) -> Path:
@@ -95,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     device = pick_device(args.device)
     model, meta = load_checkpoint(find_checkpoint(args.checkpoint), device=device)
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)
     print(f"[{meta.name}, step {meta.step}, on {device}]", file=sys.stderr)
     sys.stdout.write(args.prompt)

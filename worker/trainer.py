@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from contract.train import TrainConfig
 from model.atomic import atomic_write_bytes
 from model.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from model.device import pick_device
 from model.evaluate import token_byte_lengths
 from model.gpt import GPT
 from worker.data import load_split
@@ -104,14 +105,6 @@ def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -197,7 +190,10 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.master = self.rank == 0
         self._log = log if log is not None and self.master else None
-        self.device = resolve_device(config.device, self.local_rank)
+        try:
+            self.device = pick_device(config.device, self.local_rank)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
