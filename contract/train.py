@@ -1,7 +1,7 @@
 """TrainConfig: every setting of a training run, validated, with a bound on every number.
 
 This is the training part of a job spec: the CLI builds it from options, the HTTP API and the RQ
-worker will build it from JSON, and the trainer stores it beside its checkpoints to resume. It
+worker from the job's JSON, and the trainer stores it beside its checkpoints to resume. It
 holds no paths (data, run folder, the checkpoint to fine-tune): those belong to the job.
 """
 
