@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -51,6 +52,17 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         socket_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
+    )
+
+
+def connect_async(settings: Settings) -> aioredis.Redis:
+    """An asyncio client for ``settings.redis_url`` with ``connect``'s connect timeout, for a
+    subscriber on an event loop (the service's reloader); replies are not bounded: a subscriber
+    waits for messages on purpose."""
+    if settings.redis_url is None:
+        raise BrokerError("REDIS_URL is not set")
+    return aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=15
     )
 
 

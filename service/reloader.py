@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from contract.broker import connect_async
 from contract.jobs import (
     CHECKPOINT_CHANNEL,
     LATEST_CHECKPOINT_KEY,
@@ -272,12 +272,9 @@ class Reloader:
 
     async def _listen(self) -> None:
         """Follow the worker's announcements; reconnect with back-off whenever Redis drops."""
-        assert self.settings.redis_url is not None
         failures = 0
         while True:
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url, socket_connect_timeout=2, health_check_interval=15
-            )
+            client = connect_async(self.settings)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHECKPOINT_CHANNEL)
