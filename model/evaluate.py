@@ -63,6 +63,7 @@ from torch import Tensor
 
 from model.generate import BatchGenerator
 from model.gpt import GPT
+from model.loss import token_log_probs
 from model.sampling import STORY_TEMPERATURE, STORY_TOP_K, SamplingParams
 from model.tokenizer import Tokenizer, get_tokenizer
 
@@ -72,8 +73,6 @@ DEFAULT_CHOICES = 4
 DEFAULT_SAMPLES = 16
 DEFAULT_MAX_NEW_TOKENS = 256
 REPETITION_N = 4
-# Output-layer rows turned into logits at once: 512 × 50,257 fp32 logits are 100 MB.
-CHUNK_ROWS = 512
 
 # (what is being measured, units done, units in all), after every batch.
 Progress = Callable[[str, int, int], None]
@@ -92,21 +91,6 @@ def token_byte_lengths() -> Tensor:
     lengths = [len(tokenizer.token_bytes(i)) for i in range(tokenizer.n_vocab)]
     lengths[tokenizer.eot_id] = 1
     return torch.tensor(lengths, dtype=torch.float64)
-
-
-def target_log_probs(model: GPT, hidden: Tensor, targets: Tensor) -> Tensor:
-    """log p(target) for final activations ``hidden`` (N, n_embd) and ``targets`` (N,), in fp32,
-    a chunk of rows at a time so that the (N, vocab) logits never exist at once."""
-    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-    for start in range(0, len(targets), CHUNK_ROWS):
-        rows = slice(start, start + CHUNK_ROWS)
-        logits = model.lm_head(hidden[rows]).float()
-        chosen = logits.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
-        # logsumexp in place (model/loss.py does the same): no second logits-sized buffer.
-        top = logits.amax(dim=1, keepdim=True)
-        sums = logits.sub_(top).exp_().sum(dim=1)
-        out[rows] = chosen - top.squeeze(1) - sums.log()
-    return out
 
 
 # --- validation loss -------------------------------------------------------------------------
@@ -160,7 +144,9 @@ def windowed_loss(
     done = 0
     for inputs, targets in _windows(stream, window, batch_size):
         hidden = model.hidden_states(inputs)
-        log_probs = target_log_probs(model, hidden.flatten(0, 1), targets.flatten())
+        log_probs, _, _ = token_log_probs(
+            hidden.flatten(0, 1), model.lm_head.weight, targets.flatten()
+        )
         nats -= log_probs.double().sum()
         n_bytes += byte_lengths[targets].sum()
         done += len(inputs)
@@ -292,7 +278,9 @@ def _ending_log_likelihoods(model: GPT, items: list[EndingItem]) -> Tensor:
     idx = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
     row_index_t = torch.tensor(row_index, device=device)
     hidden = model.hidden_states(idx)[row_index_t, torch.tensor(positions, device=device)]
-    log_probs = target_log_probs(model, hidden, torch.tensor(targets, device=device))
+    log_probs, _, _ = token_log_probs(
+        hidden, model.lm_head.weight, torch.tensor(targets, device=device)
+    )
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
     sums.index_add_(0, row_index_t, log_probs.double())
     return sums.view(len(items), -1).cpu()

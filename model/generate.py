@@ -29,7 +29,6 @@ longer than the window keeps its last block_size tokens (``Sequence.prompt_trunc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from model.cache import KVCache
 from model.gpt import GPT
+from model.loss import token_log_probs
 from model.quantize import quantize_int8
 from model.sampling import BatchSampler, SamplingParams, resolve_seed
 from model.tokenizer import StreamDecoder, Tokenizer, get_tokenizer
@@ -112,45 +112,17 @@ def token_logprobs(logits: Tensor, chosen: Tensor, top: int) -> list[TokenLogpro
     ]
 
 
-def scored_tokens(
-    hidden: Tensor, weight: Tensor, chosen: Tensor, top: int, slice_size: int = 4096
-) -> list[TokenLogprob]:
-    """What ``token_logprobs`` gives for the logits ``hidden @ weight.T``, computed a slice of the
-    vocabulary at a time, with a running log-sum-exp: the (N, vocab) logits of a prompt never
-    exist whole, so scoring reads and writes a few MB in cache instead of 2 × 50 MB per 256
-    tokens in memory (1.6× faster than the product plus log_softmax on a CPU, BENCHMARKS.md)."""
-    hidden = hidden.float()
-    rows = hidden.shape[0]
-    running_max = hidden.new_full((rows,), -math.inf)
-    running_sum = hidden.new_zeros(rows)
-    picked = hidden.new_empty(rows)
-    best_values = hidden.new_empty(rows, 0)
-    best_tokens = chosen.new_empty(rows, 0)
-    for start in range(0, weight.shape[0], slice_size):
-        logits = F.linear(hidden, weight[start : start + slice_size].float())
-        width = logits.shape[1]
-        slice_max = logits.amax(dim=-1)
-        new_max = torch.maximum(running_max, slice_max)
-        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
-            logits - new_max[:, None]
-        ).sum(dim=-1)
-        running_max = new_max
-        inside = ((chosen >= start) & (chosen < start + width)).nonzero()[:, 0]
-        picked[inside] = logits[inside, chosen[inside] - start]
-        if top:
-            values, tokens = logits.topk(min(top, width), dim=-1)
-            best_values = torch.cat([best_values, values], dim=1)
-            best_tokens = torch.cat([best_tokens, tokens + start], dim=1)
-            best_values, order = best_values.topk(min(top, best_values.shape[1]), dim=-1)
-            best_tokens = best_tokens.gather(1, order)
-    normaliser = running_max + torch.log(running_sum)
+def scored_tokens(hidden: Tensor, weight: Tensor, chosen: Tensor, top: int) -> list[TokenLogprob]:
+    """What ``token_logprobs`` gives for the logits ``hidden @ weight.T``, without ever holding
+    them whole (``model.loss.token_log_probs``): how a prompt is scored."""
+    picked, best_tokens, best_values = token_log_probs(hidden, weight, chosen, top)
     return [
         TokenLogprob(token, logprob, tuple(zip(alternatives, values, strict=True)))
         for token, logprob, alternatives, values in zip(
             chosen.tolist(),
-            (picked - normaliser).tolist(),
+            picked.tolist(),
             best_tokens.tolist(),
-            (best_values - normaliser[:, None]).tolist(),
+            best_values.tolist(),
             strict=True,
         )
     ]

@@ -6,17 +6,24 @@ gradient as large written and read again by the two backward matmuls. ``linear_c
 computes ``F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1)`` a few hundred rows at a
 time and, when a gradient will be wanted, the gradients of that loss in the same pass (softmax
 minus one-hot is all they need): backward then only scales them by the incoming gradient.
+``token_log_probs`` is the same idea for scoring: each position's log-probability of its target
+(and the likeliest tokens), for ``slm eval`` and for prompts scored by the service.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -1
 CHUNK_ROWS = 512
+# Output-matrix rows multiplied at once when scoring: 512 × 4,096 fp32 logits (8 MB) stay in
+# cache, where whole-vocabulary logits (100 MB for 512 rows) go to memory and back twice.
+VOCAB_SLICE = 4096
 
 
 def linear_cross_entropy(
@@ -123,3 +130,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
             grad_weight = grad_weight * grad_output.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+@torch.inference_mode()
+def token_log_probs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, top: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``log_softmax(hidden @ weight.T)`` at ``targets`` (N,), in fp32, and the ``top`` likeliest
+    tokens with theirs, (N, top) each; computed for CHUNK_ROWS rows and VOCAB_SLICE vocabulary
+    entries at a time with a running log-sum-exp, so the (N, vocab) logits never exist whole
+    (1.6× faster than the product plus log_softmax on a CPU, BENCHMARKS.md). Returns
+    (log-probabilities, top tokens, top log-probabilities)."""
+    picked = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    best_tokens = targets.new_empty(len(targets), top)
+    best_values = torch.empty(len(targets), top, dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(targets), CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        picked[rows], best_tokens[rows], best_values[rows] = _sliced_log_probs(
+            hidden[rows].float(), weight, targets[rows], top
+        )
+    return picked, best_tokens, best_values
+
+
+def _sliced_log_probs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, top: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    rows = hidden.shape[0]
+    running_max = hidden.new_full((rows,), -math.inf)
+    running_sum = hidden.new_zeros(rows)
+    picked = hidden.new_empty(rows)
+    best_values = hidden.new_empty(rows, 0)
+    best_tokens = targets.new_empty(rows, 0)
+    for start in range(0, weight.shape[0], VOCAB_SLICE):
+        logits = F.linear(hidden, weight[start : start + VOCAB_SLICE].float())
+        width = logits.shape[1]
+        new_max = torch.maximum(running_max, logits.amax(dim=-1))
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
+            logits - new_max[:, None]
+        ).sum(dim=-1)
+        running_max = new_max
+        inside = ((targets >= start) & (targets < start + width)).nonzero()[:, 0]
+        picked[inside] = logits[inside, targets[inside] - start]
+        if top:
+            values, tokens = logits.topk(min(top, width), dim=-1)
+            best_values = torch.cat([best_values, values], dim=1)
+            best_tokens = torch.cat([best_tokens, tokens + start], dim=1)
+            best_values, order = best_values.topk(min(top, best_values.shape[1]), dim=-1)
+            best_tokens = best_tokens.gather(1, order)
+    normaliser = running_max + torch.log(running_sum)
+    return picked - normaliser, best_tokens, best_values - normaliser[:, None]
