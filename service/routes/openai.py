@@ -204,14 +204,13 @@ def _completion_choice(
     if body.echo:
         text = _prompt_text(prompt, tokenizer) + text
     if body.logprobs is not None:
-        offsets = _Offsets(tokenizer)
-        logprobs = CompletionLogprobs()
-        if story.prompt is not None:
-            logprobs = offsets.logprobs(story.prompt.token_ids, story.prompt.logprobs)
-        scores = story.logprobs or []
-        generated = offsets.logprobs([s.token_id for s in scores], list(scores))
-        for name in CompletionLogprobs.model_fields:
-            getattr(logprobs, name).extend(getattr(generated, name))
+        drawn = story.logprobs or []
+        tokens: list[int] = [score.token_id for score in drawn]
+        scores: list[TokenLogprob | None] = list(drawn)
+        if story.prompt is not None:  # echo: the prompt's tokens come first
+            tokens = story.prompt.token_ids + tokens
+            scores = story.prompt.logprobs + scores
+        logprobs = _Offsets(tokenizer).logprobs(tokens, scores)
     return CompletionChoice(
         index=index,
         text=text,
