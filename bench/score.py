@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 import httpx
 import torch
 from decode import VALID_FILE  # bench/decode.py: the TinyStories validation excerpt
-from serve import client_for, start_service  # bench/serve.py: the same server start-up
+from serve import client_for, init_run, start_service  # bench/serve.py: the same server start-up
 
 from contract.broker import free_port
 from model.checkpoint import load_checkpoint, newest_checkpoint
@@ -230,14 +229,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         checkpoints = root / "checkpoints"
-        subprocess.run(
-            [
-                *("slm", "init", "--preset", args.preset, "--block-size", str(args.block_size)),
-                *("--out", str(checkpoints / RUN)),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        init_run(checkpoints / RUN, args.preset, args.block_size)
         model, _ = load_checkpoint(newest_checkpoint(checkpoints))
         export_hf(model, root / "hf")
         hf_model = GPT2LMHeadModel.from_pretrained(root / "hf", dtype=torch.float32).eval()

@@ -176,6 +176,16 @@ async def long_prompt_arrives(base_url: str, running: int, new_tokens: int) -> d
     return result
 
 
+def init_run(run_dir: Path, preset: str, block_size: int) -> None:
+    """An untrained checkpoint of ``preset`` at ``block_size``, as a user's `slm init` writes it:
+    speed does not depend on what the weights learned."""
+    subprocess.run(
+        ["slm", "init", "--preset", preset, "--block-size", str(block_size), "--out", str(run_dir)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
     """`slm serve` on ``port`` over ``checkpoints``, with ``settings`` as its environment
     variables (MAX_BATCH_SIZE="64"...), once /ready answers. No Redis and no API key: the
@@ -274,14 +284,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         checkpoints = root / "checkpoints"
-        subprocess.run(
-            [
-                *("slm", "init", "--preset", args.preset, "--block-size", str(args.block_size)),
-                *("--out", str(checkpoints / RUN)),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        init_run(checkpoints / RUN, args.preset, args.block_size)
         servers: dict[str, str] = {}
         processes = []
         try:
