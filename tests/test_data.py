@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import worker.data
+import worker.data.encoding
 from slm.cli import build_parser
 from worker.data import DataError, load_split, prepare, read_chunks, read_manifest
 
@@ -231,7 +231,7 @@ def test_chunks_cover_the_file_and_end_after_separator_lines(tmp_path) -> None:
 
 
 def test_a_story_too_long_to_hold_is_refused(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(worker.data, "MAX_STORY_BYTES", 10_000)
+    monkeypatch.setattr(worker.data.encoding, "MAX_STORY_BYTES", 10_000)
     source = write_stories(tmp_path / "long.txt", ["word " * 5_000])
     with pytest.raises(DataError, match=r"long.txt: no line holding only .* from byte offset 0"):
         list(read_chunks(source, 1000))
