@@ -16,42 +16,21 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationInfo, field_validator
 
 from contract.settings import Settings
-from model.sampling import MAX_SEED, SamplingParams
-from service.errors import ApiError
-from service.schemas import Usage, sampling_params
+from model.sampling import SamplingParams
+from service.schemas import SamplingRequest, Usage
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAISampling(BaseModel):
-    """What completions and chat completions share: the run, sampling knobs, n, stop, seed and
-    streaming."""
+class OpenAISampling(SamplingRequest):
+    """What completions and chat completions share: ``SamplingRequest``'s fields with OpenAI's
+    defaults (temperature 1, no top-k, no stream), n and stream options."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(
-        None,
-        description="the run to answer with (GET /v1/models lists them; a `<run>/<checkpoint>` "
-        "version picks its run); absent: the run that saved last",
-    )
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = Field(1, ge=1, description="completions per prompt, at most MAX_N")
-    stop: str | list[str] | None = None
-    seed: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_SEED,
-        description="replays the answer; the i-th of n completions uses a seed derived from it",
-    )
-    stream: bool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stream_options")
@@ -66,27 +45,6 @@ class OpenAISampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
-
-    def sampling_for(
-        self,
-        settings: Settings,
-        max_new_tokens: tuple[str, int],
-        logprobs: tuple[str, int | None],
-        prompt_logprobs: int | None = None,
-    ) -> SamplingParams:
-        """SamplingParams within this deployment's limits (``max_new_tokens`` and ``logprobs``
-        are (the field's name in the request, its value))."""
-        if self.n > settings.max_n:
-            message = f"n: {self.n} is above this server's limit of {settings.max_n} (MAX_N)"
-            raise ApiError(422, message, param="n")
-        return sampling_params(
-            settings,
-            self,
-            max_new_tokens=max_new_tokens,
-            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +63,6 @@ class CompletionRequest(OpenAISampling):
     )
     echo: bool = Field(False, description="the prompt's text (and logprobs) before the answer")
     max_tokens: int = Field(16, ge=0, description="OpenAI's default is 16; 0 needs echo")
-    logprobs: int | None = Field(
-        None, ge=0, description="per-token log-probabilities with this many alternatives"
-    )
 
     @field_validator("prompt")
     @classmethod
@@ -136,11 +91,12 @@ class CompletionRequest(OpenAISampling):
         return list(prompt)
 
     def sampling(self, settings: Settings) -> SamplingParams:
-        return self.sampling_for(
+        return self.sampling_params(
             settings,
             max_new_tokens=("max_tokens", self.max_tokens),
             logprobs=("logprobs", self.logprobs),
             prompt_logprobs=self.logprobs if self.echo else None,
+            n=self.n,
         )
 
 
@@ -199,7 +155,7 @@ class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; still read")
     max_completion_tokens: int | None = Field(None, ge=1, description="default 200")
-    logprobs: bool = False
+    logprobs: bool = False  # chat's is a switch: top_logprobs counts the alternatives
     top_logprobs: int | None = Field(None, ge=0, description="needs logprobs: true")
 
     @field_validator("top_logprobs")
@@ -217,10 +173,11 @@ class ChatCompletionRequest(OpenAISampling):
         field, limit = "max_completion_tokens", self.max_completion_tokens
         if limit is None and self.max_tokens is not None:
             field, limit = "max_tokens", self.max_tokens
-        return self.sampling_for(
+        return self.sampling_params(
             settings,
             max_new_tokens=(field, 200 if limit is None else limit),
             logprobs=("top_logprobs", (self.top_logprobs or 0) if self.logprobs else None),
+            n=self.n,
         )
 
 

@@ -1,16 +1,27 @@
 """Request and response models of the generation API, shared by the routes and the tests.
 
-Pydantic checks what a request can say about itself (types, ranges); ``sampling_params`` adds
-the limits this deployment sets (MAX_NEW_TOKENS, MAX_STOP_STRINGS), and the engine checks the
-prompt's length in tokens, since only the tokenizer knows it. Every refusal is a 422 naming the
-field.
+``SamplingRequest`` declares the sampling fields every generation API shares (POST /generate
+and OpenAI's /v1 completions and chat), each once with its bounds and description; the request
+models derive from it and set only the defaults that differ. Pydantic checks what a request can
+say about itself (types, ranges); ``SamplingRequest.sampling_params`` adds the limits this
+deployment sets (MAX_NEW_TOKENS, MAX_STOP_STRINGS, MAX_LOGPROBS, MAX_N), and the engine checks
+the prompt's length in tokens, since only the tokenizer knows it. Every refusal is a 422 naming
+the field.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    model_validator,
+)
 
 from contract.settings import Settings
 from model.generate import FinishReason, TokenLogprob
@@ -20,23 +31,44 @@ from service.engine import Finish, TextPiece
 from service.errors import ApiError
 
 # ---------------------------------------------------------------------------------------------
-# POST /generate
+# The sampling fields every generation API shares
+
+# The fields whose default differs by API: each type with its bounds and description, declared
+# once here; the request models give the defaults.
+Temperature = Annotated[float, Field(ge=0, description="0 is greedy decoding")]
+TopK = Annotated[
+    int | None, Field(ge=0, description="keep the k most likely tokens; 0 or null: off")
+]
+Stream = Annotated[bool, Field(description="server-sent events; false: one JSON answer")]
+
+# Request fields that mean the same in every API and go to SamplingParams as they are.
+SAMPLING_KNOBS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class SamplingRequest(BaseModel):
+    """The run, sampling knobs, stop strings, seed, streaming and log-probabilities of a
+    generation request. Its defaults are the model's plain distribution (OpenAI's, which /v1
+    keeps); POST /generate sets the story defaults (model/sampling.py's) instead. The number of
+    tokens to generate is each API's own field, passed to ``sampling_params`` by name."""
 
-    prompt: str = Field(
-        "",
-        description="the story's beginning; empty starts a new story. At most MAX_PROMPT_TOKENS "
-        "tokens (422 above); of a prompt longer than the model's context, the model reads the "
-        "last block_size tokens (the answer says prompt_truncated)",
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    model: str | None = Field(
+        None,
+        description="the run to answer with (GET /v1/models lists them; a `<run>/<checkpoint>` "
+        "version picks its run); absent: the run that saved last",
     )
-    max_new_tokens: int = Field(200, ge=1, description="at most MAX_NEW_TOKENS")
-    temperature: float = Field(STORY_TEMPERATURE, ge=0, description="0 is greedy decoding")
-    top_k: int | None = Field(
-        STORY_TOP_K, ge=0, description="keep the k most likely tokens; 0 or null: off"
-    )
+    temperature: Temperature = 1.0
+    top_k: TopK = None
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     min_p: float = Field(
         0.0, ge=0, le=1, description="drop tokens less likely than min_p × the likeliest's"
@@ -48,27 +80,126 @@ class GenerateRequest(BaseModel):
     frequency_penalty: float = Field(
         0.0, ge=-2, le=2, description="subtracted once per time a token was generated"
     )
-    stop: list[str] = Field(
-        default_factory=list, description="end before the first of these (at most MAX_STOP_STRINGS)"
+    stop: str | list[str] | None = Field(
+        None,
+        description="end before the first of these: one string or a list (at most "
+        "MAX_STOP_STRINGS)",
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="replays a story exactly")
-    stream: bool = Field(True, description="server-sent events; false: one JSON answer")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="replays the answer exactly; of n completions, the i-th uses a seed derived "
+        "from it",
+    )
+    stream: Stream = False
     logprobs: int | None = Field(
         None,
         ge=0,
         description="each token's log-probability under the model (before the sampling knobs), "
         "with this many likeliest alternatives (at most MAX_LOGPROBS)",
     )
-    model: str | None = Field(
-        None, description="the run to write with (GET /v1/models); absent: the run saved last"
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    def sampling_params(
+        self,
+        settings: Settings,
+        *,
+        max_new_tokens: tuple[str, int],
+        logprobs: tuple[str, int | None],
+        prompt_logprobs: int | None = None,
+        n: int = 1,
+    ) -> SamplingParams:
+        """SamplingParams from this request, within this deployment's limits: the one place
+        they are checked. ``max_new_tokens`` and ``logprobs`` are (the field's name in the
+        request, its value): /generate calls the first ``max_new_tokens``, OpenAI's
+        ``max_tokens``, and chat's the second ``top_logprobs``; ``n`` is OpenAI's choices per
+        prompt."""
+        if n > settings.max_n:
+            message = f"n: {n} is above this server's limit of {settings.max_n} (MAX_N)"
+            raise ApiError(422, message, param="n")
+        field, requested = max_new_tokens
+        if requested > settings.max_new_tokens:
+            raise ApiError(
+                422,
+                f"{field}: {requested} is above this server's limit of {settings.max_new_tokens} "
+                "(MAX_NEW_TOKENS)",
+                param=field,
+            )
+        stop = self.stop_strings
+        if len(stop) > settings.max_stop_strings:
+            raise ApiError(
+                422,
+                f"stop: at most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), "
+                f"got {len(stop)}",
+                param="stop",
+            )
+        if any(not text for text in stop):
+            raise ApiError(422, "stop: stop strings must not be empty", param="stop")
+        field, alternatives = logprobs
+        if alternatives is not None and alternatives > settings.max_logprobs:
+            raise ApiError(
+                422,
+                f"{field}: {alternatives} is above this server's limit of "
+                f"{settings.max_logprobs} (MAX_LOGPROBS)",
+                param=field,
+            )
+        return SamplingParams(
+            max_new_tokens=requested,
+            stop=tuple(stop),
+            logprobs=alternatives,
+            prompt_logprobs=prompt_logprobs,
+            **{knob: getattr(self, knob) for knob in SAMPLING_KNOBS},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /generate
+
+
+class GenerateRequest(SamplingRequest):
+    """A story: ``SamplingRequest``'s fields with the story defaults (model/sampling.py's, which
+    `slm generate` and the playground use too), streamed unless ``stream`` is false."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        "",
+        description="the story's beginning; empty starts a new story. At most MAX_PROMPT_TOKENS "
+        "tokens (422 above); of a prompt longer than the model's context, the model reads the "
+        "last block_size tokens (the answer says prompt_truncated)",
     )
+    max_new_tokens: int = Field(
+        200,
+        ge=1,
+        validation_alias=AliasChoices("max_new_tokens", "max_tokens"),
+        description="at most MAX_NEW_TOKENS; `max_tokens`, the /v1 APIs' name, is read as this "
+        "field too (send one of the two)",
+    )
+    temperature: Temperature = STORY_TEMPERATURE
+    top_k: TopK = STORY_TOP_K
+    stream: Stream = True
+    # Which name the request gave max_new_tokens, for the 422 that refuses it.
+    _tokens_field: str = PrivateAttr("max_new_tokens")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_the_token_counts_name(
+        cls, data: Any, handler: ModelWrapValidatorHandler[GenerateRequest]
+    ) -> GenerateRequest:
+        # Both names in one request: extra="forbid" refuses the second, max_tokens.
+        request = handler(data)
+        if isinstance(data, dict) and "max_tokens" in data:
+            request._tokens_field = "max_tokens"
+        return request
 
     def sampling(self, settings: Settings) -> SamplingParams:
-        return sampling_params(
+        return self.sampling_params(
             settings,
-            self,
-            max_new_tokens=("max_new_tokens", self.max_new_tokens),
-            stop=self.stop,
+            max_new_tokens=(self._tokens_field, self.max_new_tokens),
             logprobs=("logprobs", self.logprobs),
         )
 
@@ -197,65 +328,3 @@ class ReloadReport(BaseModel):
     outcome: ReloadOutcome
     model: str | None = Field(description="the version serving new requests after the check")
     message: str
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-# Request fields that mean the same in every API and go to SamplingParams as they are.
-SAMPLING_KNOBS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
-
-
-def sampling_params(
-    settings: Settings,
-    request: BaseModel,
-    *,
-    max_new_tokens: tuple[str, int],
-    stop: list[str],
-    logprobs: tuple[str, int | None] = ("logprobs", None),
-    prompt_logprobs: int | None = None,
-) -> SamplingParams:
-    """SamplingParams from a request's ``SAMPLING_KNOBS`` and the rest, within this deployment's
-    limits. ``max_new_tokens`` and ``logprobs`` are (the field's name in the request, its
-    value): OpenAI's chat, say, calls them ``max_completion_tokens`` and ``top_logprobs``."""
-    field, requested = max_new_tokens
-    if requested > settings.max_new_tokens:
-        raise ApiError(
-            422,
-            f"{field}: {requested} is above this server's limit of {settings.max_new_tokens} "
-            "(MAX_NEW_TOKENS)",
-            param=field,
-        )
-    if len(stop) > settings.max_stop_strings:
-        raise ApiError(
-            422,
-            f"stop: at most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), "
-            f"got {len(stop)}",
-            param="stop",
-        )
-    if any(not text for text in stop):
-        raise ApiError(422, "stop: stop strings must not be empty", param="stop")
-    field, alternatives = logprobs
-    if alternatives is not None and alternatives > settings.max_logprobs:
-        raise ApiError(
-            422,
-            f"{field}: {alternatives} is above this server's limit of {settings.max_logprobs} "
-            "(MAX_LOGPROBS)",
-            param=field,
-        )
-    return SamplingParams(
-        max_new_tokens=requested,
-        stop=tuple(stop),
-        logprobs=alternatives,
-        prompt_logprobs=prompt_logprobs,
-        **{knob: getattr(request, knob) for knob in SAMPLING_KNOBS},
-    )

@@ -158,6 +158,26 @@ def test_bad_inputs_get_422_naming_the_field(server, change, field) -> None:
     assert field in error["message"]
 
 
+def test_max_tokens_is_read_as_max_new_tokens_within_the_same_limit(server) -> None:
+    """/v1's name for the token count works on /generate too; a refusal names it as sent."""
+    body = {"prompt": "Hi", "temperature": 0, "stream": False}
+    with server.client() as client:
+        by_alias = client.post("/generate", json={**body, "max_tokens": 3}, headers=AUTH)
+        by_name = client.post("/generate", json={**body, "max_new_tokens": 3}, headers=AUTH)
+        assert by_alias.status_code == 200, by_alias.text
+        assert by_alias.json()["text"] == by_name.json()["text"]
+        assert by_alias.json()["usage"] == by_name.json()["usage"]
+        for value, says in ((1025, "MAX_NEW_TOKENS"), (0, "greater than or equal to 1")):
+            response = client.post("/generate", json={**body, "max_tokens": value}, headers=AUTH)
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert (error["param"], says in error["message"]) == ("max_tokens", True), error
+        both = {**body, "max_new_tokens": 3, "max_tokens": 3}
+        response = client.post("/generate", json=both, headers=AUTH)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == "max_tokens"
+
+
 def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(server) -> None:
     prompt = "The cat sat on the mat. " * 20  # ~140 tokens: under the cap, over block_size 64
     body = {"prompt": prompt, "max_new_tokens": 5, "stream": False}

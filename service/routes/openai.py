@@ -16,14 +16,16 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.types import DecoratedCallable
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from model.generate import FinishReason, TokenLogprob
-from model.sampling import SamplingParams, derive_seed, resolve_seed
+from model.sampling import derive_seed, resolve_seed
 from model.tokenizer import Tokenizer, get_tokenizer
 from service.auth import require_api_key, settings_of
 from service.dependencies import reloader_of
@@ -90,21 +92,33 @@ async def models(reloader: Annotated[Reloader, Depends(reloader_of)]) -> ModelLi
     )
 
 
+def _answers(
+    path: str, answer: type[BaseModel]
+) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """POST ``path``: a JSON body, answered with ``answer`` or a stream of its chunks."""
+    return router.post(
+        path,
+        response_model=answer,
+        dependencies=[Depends(require_json)],
+        responses={**STREAMED, **error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)},
+    )
+
+
 async def _submit(
     request: Request,
-    model: str | None,
+    body: CompletionRequest | ChatCompletionRequest,
     prompts: list[str | list[int]],
-    params: SamplingParams,
-    n: int,
 ) -> list[Generation]:
-    """``n`` generations per prompt, prompt by prompt, on the run ``model`` names; the i-th of
-    a prompt's n draws with the i-th seed derived from the request's."""
+    """``body.n`` generations per prompt, prompt by prompt, on the run ``body.model`` names,
+    within this deployment's limits; the i-th of a prompt's n draws with the i-th seed derived
+    from the request's."""
+    params = body.sampling(settings_of(request))
     engine: Engine = request.app.state.engine
     reloader: Reloader = request.app.state.reloader
-    run = await reloader.resolve(model)
-    if n > 1:
+    run = await reloader.resolve(body.model)
+    if body.n > 1:
         seed = resolve_seed(params.seed)
-        draws = [dataclasses.replace(params, seed=derive_seed(seed, i)) for i in range(n)]
+        draws = [dataclasses.replace(params, seed=derive_seed(seed, i)) for i in range(body.n)]
     else:
         draws = [params]
     return await engine.submit_all([(p, draw) for p in prompts for draw in draws], run)
@@ -158,18 +172,12 @@ def _prompt_text(prompt: str | list[int], tokenizer: Tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
 
-@router.post(
-    "/completions",
-    response_model=Completion,
-    dependencies=[Depends(require_json)],
-    responses={**STREAMED, **error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)},
-)
+@_answers("/completions", Completion)
 async def completions(
     body: CompletionRequest, request: Request
 ) -> Completion | EventSourceResponse:
-    params = body.sampling(settings_of(request))
     prompts = body.prompts
-    generations = await _submit(request, body.model, prompts, params, body.n)
+    generations = await _submit(request, body, prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echoes = [prompt for prompt in prompts for _ in range(body.n)]
     if body.stream:
@@ -293,17 +301,11 @@ def _chat_logprobs(scores: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogp
     )
 
 
-@router.post(
-    "/chat/completions",
-    response_model=ChatCompletion,
-    dependencies=[Depends(require_json)],
-    responses={**STREAMED, **error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)},
-)
+@_answers("/chat/completions", ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> ChatCompletion | EventSourceResponse:
-    params = body.sampling(settings_of(request))
-    generations = await _submit(request, body.model, [body.prompt], params, body.n)
+    generations = await _submit(request, body, [body.prompt])
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return EventSourceResponse(_chat_chunks(body, generations, completion_id, created))
