@@ -1,5 +1,10 @@
 """`slm`: one command line for everything the project does.
 
+Each command is a handler registered with `@command(NAME, OPTIONS)`, OPTIONS being the function
+just above it that adds the command's arguments and whose docstring is its help. Options that
+several commands take (a checkpoint, --device, --data, --quiet, the sampling knobs) come from the
+`_add_*` helpers below. `build_parser` makes a subparser per command, in the order registered.
+
 Heavy imports (torch, tiktoken) happen inside the commands, so `slm --help` is instant.
 """
 
@@ -10,6 +15,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +24,37 @@ if TYPE_CHECKING:
     import numpy as np
 
     from model.evaluate import EvalReport
+    from model.sampling import SamplingParams
+
+Handler = Callable[[argparse.Namespace], int]
+Options = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: Handler
+    options: Options
+    help: str
+    description: str | None
+
+
+COMMANDS: list[Command] = []
+
+
+def command(name: str, options: Options) -> Callable[[Handler], Handler]:
+    """Registers the decorated handler as `slm NAME`, its arguments added by OPTIONS. The first
+    line of OPTIONS' docstring is the command's line in `slm --help`; the paragraphs after it, if
+    any, are the text under the usage line of `slm NAME --help` (argparse rewraps them)."""
+    summary, _, rest = (options.__doc__ or "").strip().partition("\n")
+    description = " ".join(rest.split()) or None
+
+    def register(handler: Handler) -> Handler:
+        COMMANDS.append(Command(name, handler, options, summary, description))
+        return handler
+
+    return register
+
 
 def checkpoint_dir() -> Path:
     """CHECKPOINT_DIR, as the service and the worker read it."""
@@ -41,6 +79,83 @@ def find_checkpoint(path: Path | None) -> Path:
     return resolve_checkpoint(path)
 
 
+def _add_checkpoint(parser: argparse.ArgumentParser, name: str = "checkpoint", **kwargs) -> None:
+    """A checkpoint as find_checkpoint reads it (a positional NAME or an option --NAME)."""
+    help_text = (
+        "a checkpoint (.json), a run folder, or a folder of runs (newest wins); "
+        "default: $CHECKPOINT_DIR or ./checkpoints"
+    )
+    parser.add_argument(name, type=Path, help=help_text, **kwargs)
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, metavar="DATA_DIR", help="from `slm prepare`")
+
+
+def _add_quiet(parser: argparse.ArgumentParser, help_text: str = "no progress bars") -> None:
+    parser.add_argument("--quiet", action="store_true", help=help_text)
+
+
+def _add_defaulted(
+    parser: argparse.ArgumentParser, flag: str, kind: type, default: object, help_text: str
+) -> None:
+    """An option whose help ends with its default."""
+    parser.add_argument(
+        flag, type=kind, default=default, help=f"{help_text} (default: %(default)s)"
+    )
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """How a story is drawn: one option per SamplingParams field, named after it (see
+    _sampling_params), with the story defaults of model/sampling.py."""
+    from model.sampling import STORY_TEMPERATURE, STORY_TOP_K
+
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=STORY_TEMPERATURE, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=STORY_TOP_K, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    for penalty in ("--presence-penalty", "--frequency-penalty"):
+        parser.add_argument(penalty, type=float, default=0.0, help="-2..2")
+    parser.add_argument("--seed", type=int, help="makes the story reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams that the options of _add_sampling_options name."""
+    from dataclasses import fields
+
+    from model.sampling import SamplingParams
+
+    names = [field.name for field in fields(SamplingParams) if hasattr(args, field.name)]
+    given = {name: getattr(args, name) for name in names}
+    return SamplingParams(**given | {"stop": tuple(args.stop)})
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Where the API listens, for `slm serve` and `slm up` alike."""
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+
+
+def _fetch_vocab_options(parser: argparse.ArgumentParser) -> None:
+    """install GPT-2's BPE vocabulary into tiktoken's cache (works offline from PyPI)
+
+    Fill tiktoken's cache with r50k_base (sha256-checked). Without --source the file is
+    taken from the openai-whisper sdist on PyPI (pip download; never installed).
+    """
+    parser.add_argument(
+        "--source", type=Path, help="a gpt2.tiktoken file or an openai-whisper sdist"
+    )
+
+
+@command("fetch-vocab", _fetch_vocab_options)
 def _fetch_vocab(args: argparse.Namespace) -> int:
     from model.tokenizer import install_vocab
 
@@ -49,6 +164,17 @@ def _fetch_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_options(parser: argparse.ArgumentParser) -> None:
+    """write a freshly initialised (untrained) checkpoint of a preset"""
+    from model.config import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="seed")
+    parser.add_argument("--out", type=Path, required=True, help="run folder to write into")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--block-size", type=int, help="positions (default: the preset's)")
+
+
+@command("init", _init_options)
 def _init(args: argparse.Namespace) -> int:
     import torch
 
@@ -65,6 +191,12 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_options(parser: argparse.ArgumentParser) -> None:
+    """print a checkpoint's metadata"""
+    _add_checkpoint(parser, nargs="?")
+
+
+@command("info", _info_options)
 def _info(args: argparse.Namespace) -> int:
     from model.checkpoint import read_meta
 
@@ -73,26 +205,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    """stream a story from a checkpoint to stdout"""
+    _add_checkpoint(parser, "--checkpoint")
+    parser.add_argument("--prompt", default="Once upon a time", help="the story's beginning")
+    _add_sampling_options(parser)
+    _add_device(parser)
+    parser.add_argument("--int8", action="store_true", help="int8 weights (CPU), ~2x faster")
+
+
+@command("generate", _generate_options)
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from model.checkpoint import load_checkpoint
     from model.device import pick_device
     from model.generate import generate
-    from model.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+    params = _sampling_params(args)
     device = pick_device(args.device)
     model, meta = load_checkpoint(find_checkpoint(args.checkpoint), device=device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -118,6 +248,50 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    """measure checkpoints on a prepared valid split; print them side by side, write JSON
+
+    Val loss, perplexity and bits per byte over every window of the valid split; accuracy
+    at picking each story's true last sentence among other stories' (chance = 1/choices);
+    diversity, repetition and length of stories sampled at seeds 0..N-1. model/evaluate.py says
+    exactly what each number is. Each checkpoint's report is written as JSON beside it
+    (<name>.eval.json) or to --out; --compare prints saved reports side by side.
+    """
+    from model.evaluate import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_CHOICES,
+        DEFAULT_ENDING_STORIES,
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_SAMPLES,
+    )
+    from model.sampling import STORY_TEMPERATURE, STORY_TOP_K
+
+    _add_checkpoint(parser, "checkpoints", nargs="*", metavar="CHECKPOINT")
+    _add_data(parser)
+    parser.add_argument("--out", type=Path, metavar="FILE", help="the JSON report (one checkpoint)")
+    parser.add_argument(
+        "--compare", type=Path, nargs="+", metavar="REPORT", help="print saved reports instead"
+    )
+    parser.add_argument(
+        "--window", type=int, help="tokens predicted per window (default: block_size)"
+    )
+    options = [
+        ("--batch-size", int, DEFAULT_BATCH_SIZE, "windows or questions per forward"),
+        ("--endings", int, DEFAULT_ENDING_STORIES, "valid stories in the ending test"),
+        ("--choices", int, DEFAULT_CHOICES, "endings per question, the true one included"),
+        ("--seed", int, 0, "picks the wrong endings"),
+        ("--samples", int, DEFAULT_SAMPLES, "stories to generate"),
+        ("--max-new-tokens", int, DEFAULT_MAX_NEW_TOKENS, "length cap of each story"),
+        ("--temperature", float, STORY_TEMPERATURE, "of the sampled stories"),
+        ("--top-k", int, STORY_TOP_K, "0 = off"),
+    ]
+    for flag, kind, default, help_text in options:
+        _add_defaulted(parser, flag, kind, default, help_text)
+    _add_device(parser)
+    _add_quiet(parser)
+
+
+@command("eval", _eval_options)
 def _eval(args: argparse.Namespace) -> int:
     from model.atomic import atomic_write_bytes
     from model.evaluate import EvalReport, format_table
@@ -174,17 +348,10 @@ def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespac
             bars[what].close()  # one bar at a time on the terminal
 
     try:
-        loss = windowed_loss(
-            model, tokens, window=args.window, batch_size=args.batch_size, progress=show
-        )
+        batched = {"batch_size": args.batch_size, "progress": show}
+        loss = windowed_loss(model, tokens, window=args.window, **batched)
         endings = story_endings(
-            model,
-            tokens,
-            stories=args.endings,
-            choices=args.choices,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=show,
+            model, tokens, stories=args.endings, choices=args.choices, seed=args.seed, **batched
         )
         generation = generation_stats(
             model,
@@ -208,6 +375,13 @@ def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespac
     )
 
 
+def _export_hf_options(parser: argparse.ArgumentParser) -> None:
+    """write a Hugging Face GPT2LMHeadModel folder"""
+    _add_checkpoint(parser)
+    parser.add_argument("out_dir", type=Path)
+
+
+@command("export-hf", _export_hf_options)
 def _export_hf(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
     from model.export.hf import export_hf
@@ -218,6 +392,14 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf_options(parser: argparse.ArgumentParser) -> None:
+    """write a GGUF file for llama.cpp / Ollama"""
+    _add_checkpoint(parser)
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16")
+
+
+@command("export-gguf", _export_gguf_options)
 def _export_gguf(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
     from model.export.gguf import export_gguf
@@ -228,6 +410,36 @@ def _export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_options(parser: argparse.ArgumentParser) -> None:
+    """tokenize TinyStories into train.bin / val.bin and a manifest, for training
+
+    Tokenize stories with GPT-2's BPE into DATA_DIR/train.bin and val.bin (uint16,
+    <|endoftext|> after each story) and manifest.json, written last. Does nothing when DATA_DIR
+    already holds the same sources prepared with the same settings.
+    """
+    from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
+
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="hub:v2 or hub:v1 (roneneldan/TinyStories on the Hugging Face hub), a folder of "
+        "*train*.txt and *valid*.txt files, one text file, or an http(s) URL of one",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DATA_DIR", help="folder to write into"
+    )
+    val_fraction_help = (
+        "share of stories sent to val when the source is a single file or URL (chosen by a hash "
+        "of each story)"
+    )
+    _add_defaulted(parser, "--val-fraction", float, DEFAULT_VAL_FRACTION, val_fraction_help)
+    parser.add_argument("--workers", type=int, help="tokenizer processes (default: one per CPU)")
+    chunk_help = "bytes of text per chunk handed to a worker"
+    _add_defaulted(parser, "--chunk-bytes", int, DEFAULT_CHUNK_BYTES, chunk_help)
+    _add_quiet(parser)
+
+
+@command("prepare", _prepare_options)
 def _prepare(args: argparse.Namespace) -> int:
     from worker.data import MANIFEST, prepare
 
@@ -254,6 +466,50 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, so `slm train --help` lists every setting; unset
+    options stay None and TrainConfig's own defaults apply."""
+    import types
+    import typing
+
+    from contract.train import TrainConfig
+
+    group = parser.add_argument_group("training settings (TrainConfig)")
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+        annotation = field.annotation
+        if isinstance(annotation, types.UnionType):  # `int | None`
+            (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+        if annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(annotation) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(annotation), help=help_text)
+        else:
+            group.add_argument(flag, type=annotation, metavar=name.upper(), help=help_text)
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    """train a model on prepared token files (or resume, or fine-tune)
+
+    Train from scratch (--preset), fine-tune a checkpoint (--init-from) or resume a run
+    exactly (--resume RUN_DIR, or --out naming a run that holds a training state). Checkpoints,
+    history.json and loss.png go into RUN_DIR. Under torchrun every process trains a slice of
+    each batch; only rank 0 writes.
+    """
+    _add_data(parser)
+    parser.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder to write into")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run exactly")
+    parser.add_argument(
+        "--init-from", type=Path, metavar="CHECKPOINT", help="fine-tune from these weights"
+    )
+    _add_quiet(parser, "no progress bar or log lines")
+    _add_config_options(parser)
+
+
+@command("train", _train_options)
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
@@ -307,20 +563,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import logging
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    """run training jobs from the queue (an RQ worker; one job at a time)
 
-    import uvicorn
-
-    from service.app import create_app
-
-    # The service's own loggers (reloads, engine errors) at the level uvicorn's use.
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-    # One process: the engine batches every request on one copy of the model.
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    An RQ worker for the /train-jobs API. Settings come from the environment (REDIS_URL,
+    QUEUE_NAME, CHECKPOINT_DIR, DATA_DIR, JOB_TIMEOUT_S, JOB_HEARTBEAT_S, JOB_ABANDONED_AFTER_S);
+    without REDIS_URL it starts an embedded Redis and prints its URL.
+    """
+    parser.add_argument("--queue", help="queue to work on (default: $QUEUE_NAME or slm-train)")
+    parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
 
 
+@command("worker", _worker_options)
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
@@ -341,256 +595,57 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    """serve stories over HTTP (SSE, OpenAI-compatible) from CHECKPOINT_DIR
+
+    Run the inference service. Settings come from the environment (CHECKPOINT_DIR,
+    API_KEY, MAX_BATCH_SIZE, REDIS_URL...); new checkpoints are picked up while it runs.
+    """
+    _add_server_options(parser)
+
+
+@command("serve", _serve_options)
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+
+    # The service's own loggers (reloads, engine errors) at the level uvicorn's use.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    # One process: the engine batches every request on one copy of the model.
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _up_options(parser: argparse.ArgumentParser) -> None:
+    """run Redis, a training worker and the API together (the compose setup, no Docker)
+
+    Start Redis (REDIS_URL's, or an embedded one), one `slm worker` and `slm serve`, with
+    their logs side by side; Ctrl-C stops them all.
+    """
+    _add_server_options(parser)
+
+
+@command("up", _up_options)
 def _up(args: argparse.Namespace) -> int:
     from slm.up import run_up
 
     return run_up(args.host, args.port, args.log_level)
 
 
-def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    """Where the API listens, for `slm serve` and `slm up` alike."""
-    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field, so `slm train --help` lists every setting; unset
-    options stay None and TrainConfig's own defaults apply."""
-    import types
-    import typing
-
-    from contract.train import TrainConfig
-
-    group = parser.add_argument_group("training settings (TrainConfig)")
-    for name, field in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description
-        if field.default is not None:
-            help_text += f" (default: {field.default})"
-        annotation = field.annotation
-        if isinstance(annotation, types.UnionType):  # `int | None`
-            (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
-        if annotation is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(annotation) is typing.Literal:
-            group.add_argument(flag, choices=typing.get_args(annotation), help=help_text)
-        else:
-            group.add_argument(flag, type=annotation, metavar=name.upper(), help=help_text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from model.config import PRESETS
-    from model.evaluate import (
-        DEFAULT_BATCH_SIZE,
-        DEFAULT_CHOICES,
-        DEFAULT_ENDING_STORIES,
-        DEFAULT_MAX_NEW_TOKENS,
-        DEFAULT_SAMPLES,
-    )
-    from model.sampling import STORY_TEMPERATURE, STORY_TOP_K
-    from worker.data import DEFAULT_CHUNK_BYTES, DEFAULT_VAL_FRACTION
-
     parser = argparse.ArgumentParser(
         prog="slm", description="Train and serve a small story-writing GPT."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    fetch = commands.add_parser(
-        "fetch-vocab",
-        help="install GPT-2's BPE vocabulary into tiktoken's cache (works offline from PyPI)",
-        description="Fill tiktoken's cache with r50k_base (sha256-checked). Without --source the "
-        "file is taken from the openai-whisper sdist on PyPI (pip download; never installed).",
-    )
-    fetch.add_argument(
-        "--source", type=Path, help="a gpt2.tiktoken file or an openai-whisper sdist"
-    )
-    fetch.set_defaults(handler=_fetch_vocab)
-
-    init = commands.add_parser(
-        "init", help="write a freshly initialised (untrained) checkpoint of a preset"
-    )
-    init.add_argument("--preset", choices=sorted(PRESETS), default="seed")
-    init.add_argument("--out", type=Path, required=True, help="run folder to write into")
-    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    init.add_argument("--block-size", type=int, help="positions (default: the preset's)")
-    init.set_defaults(handler=_init)
-
-    checkpoint_help = (
-        "a checkpoint (.json), a run folder, or a folder of runs (newest wins); "
-        "default: $CHECKPOINT_DIR or ./checkpoints"
-    )
-    info = commands.add_parser("info", help="print a checkpoint's metadata")
-    info.add_argument("checkpoint", type=Path, nargs="?", help=checkpoint_help)
-    info.set_defaults(handler=_info)
-
-    gen = commands.add_parser("generate", help="stream a story from a checkpoint to stdout")
-    gen.add_argument("--checkpoint", type=Path, help=checkpoint_help)
-    gen.add_argument("--prompt", default="Once upon a time", help="the story's beginning")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=STORY_TEMPERATURE, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=STORY_TOP_K, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2")
-    gen.add_argument("--seed", type=int, help="makes the story reproducible")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    gen.add_argument("--int8", action="store_true", help="int8 weights (CPU), ~2x faster")
-    gen.set_defaults(handler=_generate)
-
-    ev = commands.add_parser(
-        "eval",
-        help="measure checkpoints on a prepared valid split; print them side by side, write JSON",
-        description="Val loss, perplexity and bits per byte over every window of the valid "
-        "split; accuracy at picking each story's true last sentence among other stories' "
-        "(chance = 1/choices); diversity, repetition and length of stories sampled at seeds "
-        "0..N-1. model/evaluate.py says exactly what each number is. Each checkpoint's report is "
-        "written as JSON beside it (<name>.eval.json) or to --out; --compare prints saved reports "
-        "side by side.",
-    )
-    ev.add_argument("checkpoints", type=Path, nargs="*", metavar="CHECKPOINT", help=checkpoint_help)
-    ev.add_argument("--data", type=Path, metavar="DATA_DIR", help="from `slm prepare`")
-    ev.add_argument("--out", type=Path, metavar="FILE", help="the JSON report (one checkpoint)")
-    ev.add_argument(
-        "--compare", type=Path, nargs="+", metavar="REPORT", help="print saved reports instead"
-    )
-    ev.add_argument("--window", type=int, help="tokens predicted per window (default: block_size)")
-    ev.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="windows or questions per forward (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--endings",
-        type=int,
-        default=DEFAULT_ENDING_STORIES,
-        help="valid stories in the ending test (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--choices",
-        type=int,
-        default=DEFAULT_CHOICES,
-        help="endings per question, the true one included (default: %(default)s)",
-    )
-    ev.add_argument("--seed", type=int, default=0, help="picks the wrong endings (default: 0)")
-    ev.add_argument(
-        "--samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
-        help="stories to generate (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        help="length cap of each story (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--temperature",
-        type=float,
-        default=STORY_TEMPERATURE,
-        help="of the sampled stories (default: %(default)s)",
-    )
-    ev.add_argument("--top-k", type=int, default=STORY_TOP_K, help="0 = off (default: %(default)s)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.set_defaults(handler=_eval)
-
-    hf = commands.add_parser("export-hf", help="write a Hugging Face GPT2LMHeadModel folder")
-    hf.add_argument("checkpoint", type=Path, help=checkpoint_help)
-    hf.add_argument("out_dir", type=Path)
-    hf.set_defaults(handler=_export_hf)
-
-    gg = commands.add_parser("export-gguf", help="write a GGUF file for llama.cpp / Ollama")
-    gg.add_argument("checkpoint", type=Path, help=checkpoint_help)
-    gg.add_argument("file", type=Path)
-    gg.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16")
-    gg.set_defaults(handler=_export_gguf)
-
-    prep = commands.add_parser(
-        "prepare",
-        help="tokenize TinyStories into train.bin / val.bin and a manifest, for training",
-        description="Tokenize stories with GPT-2's BPE into DATA_DIR/train.bin and val.bin "
-        "(uint16, <|endoftext|> after each story) and manifest.json, written last. Does nothing "
-        "when DATA_DIR already holds the same sources prepared with the same settings.",
-    )
-    prep.add_argument(
-        "--source",
-        required=True,
-        help="hub:v2 or hub:v1 (roneneldan/TinyStories on the Hugging Face hub), a folder of "
-        "*train*.txt and *valid*.txt files, one text file, or an http(s) URL of one",
-    )
-    prep.add_argument(
-        "--out", type=Path, required=True, metavar="DATA_DIR", help="folder to write into"
-    )
-    prep.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        help="share of stories sent to val when the source is a single file or URL (chosen by "
-        "a hash of each story) (default: %(default)s)",
-    )
-    prep.add_argument("--workers", type=int, help="tokenizer processes (default: one per CPU)")
-    prep.add_argument(
-        "--chunk-bytes",
-        type=int,
-        default=DEFAULT_CHUNK_BYTES,
-        help="bytes of text per chunk handed to a worker (default: %(default)s)",
-    )
-    prep.add_argument("--quiet", action="store_true", help="no progress bars")
-    prep.set_defaults(handler=_prepare)
-
-    tr = commands.add_parser(
-        "train",
-        help="train a model on prepared token files (or resume, or fine-tune)",
-        description="Train from scratch (--preset), fine-tune a checkpoint (--init-from) or "
-        "resume a run exactly (--resume RUN_DIR, or --out naming a run that holds a training "
-        "state). Checkpoints, history.json and loss.png go into RUN_DIR. Under torchrun every "
-        "process trains a slice of each batch; only rank 0 writes.",
-    )
-    tr.add_argument("--data", type=Path, metavar="DATA_DIR", help="from `slm prepare`")
-    tr.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder to write into")
-    tr.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run exactly")
-    tr.add_argument(
-        "--init-from", type=Path, metavar="CHECKPOINT", help="fine-tune from these weights"
-    )
-    tr.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    _add_config_options(tr)
-    tr.set_defaults(handler=_train)
-
-    work = commands.add_parser(
-        "worker",
-        help="run training jobs from the queue (an RQ worker; one job at a time)",
-        description="An RQ worker for the /train-jobs API. Settings come from the environment "
-        "(REDIS_URL, QUEUE_NAME, CHECKPOINT_DIR, DATA_DIR, JOB_TIMEOUT_S, JOB_HEARTBEAT_S, "
-        "JOB_ABANDONED_AFTER_S); without REDIS_URL it starts an embedded Redis and prints its URL.",
-    )
-    work.add_argument("--queue", help="queue to work on (default: $QUEUE_NAME or slm-train)")
-    work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    work.set_defaults(handler=_worker)
-
-    serve = commands.add_parser(
-        "serve",
-        help="serve stories over HTTP (SSE, OpenAI-compatible) from CHECKPOINT_DIR",
-        description="Run the inference service. Settings come from the environment "
-        "(CHECKPOINT_DIR, API_KEY, MAX_BATCH_SIZE, REDIS_URL...); new checkpoints are picked up "
-        "while it runs.",
-    )
-    _add_server_options(serve)
-    serve.set_defaults(handler=_serve)
-
-    up = commands.add_parser(
-        "up",
-        help="run Redis, a training worker and the API together (the compose setup, no Docker)",
-        description="Start Redis (REDIS_URL's, or an embedded one), one `slm worker` and "
-        "`slm serve`, with their logs side by side; Ctrl-C stops them all.",
-    )
-    _add_server_options(up)
-    up.set_defaults(handler=_up)
+    for registered in COMMANDS:
+        sub = commands.add_parser(
+            registered.name, help=registered.help, description=registered.description
+        )
+        registered.options(sub)
+        sub.set_defaults(handler=registered.handler)
     return parser
 
 
