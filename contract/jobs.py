@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract.train import TrainConfig
+from contract.train import TrainConfig, TrainProgress
 
 # Names a user gives (runs, datasets): letters, digits and '-', never a path.
 NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$"
@@ -142,28 +142,29 @@ class LossPoint(BaseModel):
     val_loss: float | None = None
 
 
-class JobProgress(BaseModel):
-    """A job's progress as stored in its RQ meta and returned by GET /train-jobs/{id}."""
+class JobSummary(TrainProgress):
+    """A job at a glance: the run's progress, and what the job is doing."""
 
     state: JobState = "queued"
-    step: int = 0
-    max_steps: int | None = None
-    train_loss: float | None = None
-    val_loss: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-    last_checkpoint: str | None = Field(
-        None, description="<run>/<checkpoint name>, relative to CHECKPOINT_DIR"
+    message: str | None = Field(None, description="what went wrong, or what is happening")
+    resumed_from: int | None = Field(
+        None, description="the step this run last resumed from (its last checkpoint)"
     )
+    updated_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="when the worker last reported"
+    )
+
+
+class LossHistory(BaseModel):
     history: list[LossPoint] = Field(default_factory=list, description="bounded loss history")
     history_every: int = Field(
         1, ge=1, description="steps between history points; doubles each time it is thinned"
     )
-    resumed_from: int | None = Field(
-        None, description="the step this run last resumed from (its last checkpoint)"
-    )
-    message: str | None = Field(None, description="what went wrong, or what is happening")
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class JobProgress(JobSummary, LossHistory):
+    """A job's progress as the worker stores it in its RQ meta; GET /train-jobs/{id} returns
+    it whole, the job list its ``JobSummary`` part."""
 
 
 class CheckpointAnnouncement(BaseModel):

@@ -1,8 +1,12 @@
-"""TrainConfig: every setting of a training run, validated, with a bound on every number.
+"""What a training run is asked to do (``TrainConfig``) and what it reports (``TrainProgress``).
 
-This is the training part of a job spec: the CLI builds it from options, the HTTP API and the RQ
-worker from the job's JSON, and the trainer stores it beside its checkpoints to resume. It
-holds no paths (data, run folder, the checkpoint to fine-tune): those belong to the job.
+TrainConfig is every setting of a run, validated, with a bound on every number: the training part
+of a job spec. The CLI builds it from options, the HTTP API and the RQ worker from the job's JSON,
+and the trainer stores it beside its checkpoints to resume. It holds no paths (data, run folder,
+the checkpoint to fine-tune): those belong to the job.
+
+TrainProgress is the one progress schema: the trainer hands it to its callbacks, a job keeps it
+(extended by ``contract.jobs.JobProgress``) in its RQ meta, and the API returns its fields.
 """
 
 from __future__ import annotations
@@ -102,6 +106,30 @@ class TrainConfig(BaseModel):
         if self.max_tokens is not None:
             return math.ceil(self.max_tokens / self.tokens_per_step(block_size, world_size))
         return self.max_steps if self.max_steps is not None else 1000
+
+
+class TrainProgress(BaseModel):
+    """A run's progress, reported every ``log_interval`` steps and at every evaluation and
+    checkpoint (by rank 0 only). Between reports nothing leaves the accelerator: the loss stays
+    on the device and the rates are measured over the whole interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: int = Field(0, description="optimizer steps done")
+    max_steps: int | None = None
+    train_loss: float | None = Field(
+        None, description="mean training loss over the steps since the previous report"
+    )
+    val_loss: float | None = Field(None, description="the latest evaluation's")
+    lr: float | None = Field(None, description="the learning rate of the last step")
+    tokens_seen: int = 0
+    tokens_per_s: float | None = None
+    eta_s: float | None = Field(None, description="seconds left at the current rate")
+    last_checkpoint: str | None = Field(
+        None,
+        description="the checkpoint saved last: its metadata path to the trainer, "
+        "<run>/<checkpoint name> (relative to CHECKPOINT_DIR) in a job",
+    )
 
 
 def describe_error(error: ValidationError) -> str:

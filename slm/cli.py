@@ -512,11 +512,11 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 @command("train", _train_options)
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
-    from tqdm import tqdm
 
     from contract.train import TrainConfig, describe_error
+    from worker.callbacks import ProgressBar
     from worker.state import has_state, load_state
-    from worker.trainer import Progress, train
+    from worker.trainer import train
 
     given = {name: getattr(args, name) for name in TrainConfig.model_fields}
     given = {name: value for name, value in given.items() if value is not None}
@@ -537,22 +537,8 @@ def _train(args: argparse.Namespace) -> int:
         data_dir, run_dir = args.data, args.out
 
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone reports
-    bar = tqdm(desc="training", unit="step", file=sys.stderr, disable=args.quiet or not master)
-
-    def show(progress: Progress) -> None:
-        bar.total = progress.max_steps
-        bar.set_postfix(loss=f"{progress.train_loss:.3f}", tok_s=f"{progress.tokens_per_s:,.0f}")
-        bar.update(progress.step - bar.n)
-
-    with bar:
-        result = train(
-            config,
-            data_dir,
-            run_dir,
-            init_from=args.init_from,
-            on_progress=show,
-            log=None if args.quiet else lambda line: tqdm.write(line, file=sys.stderr),
-        )
+    with ProgressBar(quiet=args.quiet or not master) as bar:
+        result = train(config, data_dir, run_dir, init_from=args.init_from, callbacks=[bar])
     if master:
         best = "none" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
         print(

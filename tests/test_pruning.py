@@ -24,6 +24,7 @@ from model.config import preset
 from model.gpt import GPT
 from service.loaded import LoadedModel
 from service.reloader import Reloader, version_of
+from worker.callbacks import TrainCallback
 from worker.state import STATE_JSON
 from worker.trainer import train
 
@@ -157,15 +158,22 @@ def test_a_run_leaves_the_kept_checkpoints_best_and_its_state(train_data, tmp_pa
 
 
 def test_a_run_saved_before_keep_checkpoints_existed_resumes(train_data, tmp_path) -> None:
-    config = TrainConfig(preset="tiny", batch_size=4, block_size=32, max_steps=4, seed=0)
+    config = TrainConfig(
+        preset="tiny", batch_size=4, block_size=32, max_steps=4, log_interval=1, seed=0
+    )
     run = tmp_path / "run"
-    stopped = train(config, train_data, run, should_stop=lambda: True)
+    stopped = train(config, train_data, run, callbacks=[StopAtOnce()])
     assert stopped.status == "stopped" and stopped.step == 1
     state = json.loads((run / STATE_JSON).read_text())
     del state["config"]["keep_checkpoints"]
     (run / STATE_JSON).write_text(json.dumps(state))
     resumed = train(config, train_data, run)
     assert resumed.status == "finished" and resumed.step == 4
+
+
+class StopAtOnce(TrainCallback):
+    def should_stop(self) -> bool:
+        return True
 
 
 @pytest.mark.parametrize("deleted_before", ["metadata", "weights"])

@@ -9,22 +9,20 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from contract.train import TrainConfig
+from contract.train import TrainConfig, TrainProgress
 from model import GPT, preset
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from worker.callbacks import TrainCallback
 from worker.data import prepare
+from worker.history import HISTORY, LOSS_PLOT
 from worker.state import STATE_JSON
 from worker.trainer import (
-    HISTORY,
-    LOSS_PLOT,
-    Progress,
     Trainer,
     TrainError,
     lr_at,
@@ -46,9 +44,25 @@ def tiny(**overrides) -> TrainConfig:
         eval_interval=1000,
         eval_iters=2,
         checkpoint_interval=0,
+        log_interval=1,  # a report, and a stop check, after every step
         seed=0,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+class Recorder(TrainCallback):
+    """Keeps every report; with ``stop_after``, asks to stop at that stop check."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.seen: list[TrainProgress] = []
+        self.checks = itertools.count(1)
+        self.stop_after = stop_after
+
+    def on_progress(self, progress: TrainProgress) -> None:
+        self.seen.append(progress)
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and next(self.checks) >= self.stop_after
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -109,9 +123,9 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
 
 def test_schedule_advances_per_optimizer_step_not_per_micro_batch(train_data, tmp_path) -> None:
     config = tiny(grad_accum=4, batch_size=1, warmup_steps=3, max_steps=6)
-    seen: list[Progress] = []
-    train(config, train_data, tmp_path / "run", on_progress=seen.append)
-    assert [p.lr for p in seen] == pytest.approx([lr_at(s, config, 6) for s in range(6)])
+    recorder = Recorder()
+    train(config, train_data, tmp_path / "run", callbacks=[recorder])
+    assert [p.lr for p in recorder.seen] == pytest.approx([lr_at(s, config, 6) for s in range(6)])
 
 
 def test_min_lr_above_peak_is_refused() -> None:
@@ -161,26 +175,16 @@ def test_accumulating_4_batches_of_2_equals_one_batch_of_8(train_data, tmp_path)
 # --- resume -----------------------------------------------------------------------------------
 
 
-def stop_after(steps: int) -> Callable[[], bool]:
-    """A stop request that arrives at the ``steps``-th check (checks come once per step)."""
-    checks = itertools.count(1)
-    return lambda: next(checks) >= steps
-
-
 def test_ten_steps_resumed_then_ten_more_equal_twenty_straight(train_data, tmp_path) -> None:
     # Dropout and accumulation make the RNG and the data position matter as much as the weights.
     config = tiny(max_steps=20, dropout=0.1, grad_accum=2, eval_interval=5)
     straight = train(config, train_data, tmp_path / "straight")
 
-    seen: list[Progress] = []
-    should_stop = stop_after(10)
-    first = train(
-        config, train_data, tmp_path / "resumed", on_progress=seen.append, should_stop=should_stop
-    )
+    first = train(config, train_data, tmp_path / "resumed", callbacks=[Recorder(stop_after=10)])
     assert first.status == "stopped" and first.step == 10
-    rest: list[Progress] = []
-    second = train(config, train_data, tmp_path / "resumed", on_progress=rest.append)
-    assert second.status == "finished" and rest[0].step == 11 and second.step == 20
+    rest = Recorder()
+    second = train(config, train_data, tmp_path / "resumed", callbacks=[rest])
+    assert second.status == "finished" and rest.seen[0].step == 11 and second.step == 20
     assert second.tokens_seen == straight.tokens_seen
 
     assert_close(weights(straight.last_checkpoint), weights(second.last_checkpoint), atol=1e-6)
@@ -197,9 +201,7 @@ def test_training_state_is_safetensors_and_json_and_resumes_without_unpickling(
     train_data, tmp_path, monkeypatch
 ) -> None:
     config = tiny(max_steps=6)
-    seen: list[Progress] = []
-    should_stop = stop_after(3)
-    train(config, train_data, tmp_path / "run", on_progress=seen.append, should_stop=should_stop)
+    train(config, train_data, tmp_path / "run", callbacks=[Recorder(stop_after=3)])
     files = sorted(path.name for path in (tmp_path / "run").iterdir())
     assert {Path(name).suffix for name in files} == {".json", ".safetensors"}  # and no pickle
     state = json.loads((tmp_path / "run" / STATE_JSON).read_text())
@@ -227,15 +229,9 @@ def test_resuming_with_other_settings_is_refused(train_data, tmp_path) -> None:
 
 
 def test_cooperative_stop_saves_a_checkpoint_and_returns_stopped(train_data, tmp_path) -> None:
-    seen: list[Progress] = []
-    should_stop = stop_after(3)
-    result = train(
-        tiny(max_steps=50),
-        train_data,
-        tmp_path / "run",
-        on_progress=seen.append,
-        should_stop=should_stop,
-    )
+    recorder = Recorder(stop_after=3)
+    result = train(tiny(max_steps=50), train_data, tmp_path / "run", callbacks=[recorder])
+    seen = recorder.seen
     assert result.status == "stopped" and result.step == 3 and result.max_steps == 50
     meta = read_meta(tmp_path / "run")
     assert meta.step == 3 and result.last_checkpoint == tmp_path / "run" / "step-00000003.json"
@@ -243,13 +239,11 @@ def test_cooperative_stop_saves_a_checkpoint_and_returns_stopped(train_data, tmp
 
 
 def test_progress_reports_advancing_steps_rates_and_eta(train_data, tmp_path) -> None:
-    seen: list[Progress] = []
+    recorder = Recorder()
     train(
-        tiny(max_steps=5, checkpoint_interval=2),
-        train_data,
-        tmp_path / "run",
-        on_progress=seen.append,
+        tiny(max_steps=5, checkpoint_interval=2), train_data, tmp_path / "run", callbacks=[recorder]
     )
+    seen = recorder.seen
     assert [p.step for p in seen] == [1, 2, 3, 4, 5]
     assert all(
         p.max_steps == 5 and p.tokens_per_s > 0 and math.isfinite(p.train_loss) for p in seen
@@ -286,14 +280,14 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(train_data, tmp_path) ->
 DDP_SCRIPT = """
 import hashlib, os, sys
 from pathlib import Path
-import model.checkpoint, worker.state, worker.trainer
+import model.checkpoint, worker.history, worker.state, worker.trainer
 from contract.train import TrainConfig
 
 rank = int(os.environ["RANK"])
 if rank != 0:
     def refuse(path, data):
         raise AssertionError(f"rank {rank} wrote {path}")
-    for module in (model.checkpoint, worker.state, worker.trainer):
+    for module in (model.checkpoint, worker.state, worker.history):
         module.atomic_write_bytes = refuse
 config = TrainConfig.model_validate_json(sys.argv[1])
 trainer = worker.trainer.Trainer(config, Path(sys.argv[2]), Path(sys.argv[3]))

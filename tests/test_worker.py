@@ -22,8 +22,8 @@ from contract.jobs import (
     TrainJobSpec,
 )
 from contract.settings import Settings
+from contract.train import TrainProgress
 from worker.jobs import ProgressReport
-from worker.trainer import Progress
 
 
 def test_an_embedded_redis_is_shared_guarded_by_a_password_and_stopped(tmp_path):
@@ -54,8 +54,8 @@ def test_slm_worker_without_redis_url_starts_an_embedded_redis(tmp_path):
     assert not (state / "redis.json").exists()  # the worker stopped its Redis on the way out
 
 
-def step(number: int, max_steps: int) -> Progress:
-    return Progress(
+def step(number: int, max_steps: int) -> TrainProgress:
+    return TrainProgress(
         step=number,
         max_steps=max_steps,
         train_loss=10.0 - number / max_steps,
@@ -112,7 +112,8 @@ def test_resumed_progress_drops_the_steps_after_the_checkpoint(redis_url):
     first.save()
 
     resumed = ProgressReport(Job.fetch(job.id, connection, serializer=JSONSerializer), spec)
-    for number in range(21, 31):  # the trainer resumed from its checkpoint at step 20
+    resumed.on_start(step(20, 100))  # the trainer resumed from its checkpoint at step 20
+    for number in range(21, 31):
         resumed.on_progress(step(number, 100))
     assert resumed.progress.resumed_from == 20
     assert [point.step for point in resumed.progress.history] == list(range(1, 31))

@@ -72,6 +72,7 @@ def tiny_spec(run_name: str, **train: Any) -> dict[str, Any]:
         "eval_interval": 10,
         "eval_iters": 2,
         "checkpoint_interval": 10,
+        "log_interval": 1,  # a progress report, and a stop check, after every step
         "seed": 0,
         "device": "cpu",
     }

@@ -43,14 +43,16 @@ from contract.jobs import (
     stop_key,
 )
 from contract.settings import Settings
+from contract.train import TrainProgress
 from model.checkpoint import CheckpointError, latest_checkpoint, read_meta
+from worker.callbacks import TrainCallback
 from worker.data import DataError, prepare, read_manifest
-from worker.trainer import BEST, Progress, train
+from worker.trainer import BEST, train
 
 log = logging.getLogger("slm.worker")
 
 META_WRITE_INTERVAL_S = 0.5  # progress reaches Redis at most twice a second between events
-STOP_POLL_INTERVAL_S = 0.25  # how often the stop key is read (the trainer asks every step)
+STOP_POLL_INTERVAL_S = 0.25  # how often the stop key is read (the trainer asks at each report)
 WORKER_GONE_EXIT_CODE = 70
 
 
@@ -64,20 +66,19 @@ def thin_history(points: list[LossPoint]) -> list[LossPoint]:
     return points[::2]
 
 
-class ProgressReport:
-    """The job's ``JobProgress``, kept in its RQ meta. Writes go out when the state changes,
-    after an evaluation or a checkpoint, and otherwise at most every ``META_WRITE_INTERVAL_S``,
-    so a fast GPU loop does not turn into a stream of Redis writes. Redis errors are logged and
-    skipped: a blip in Redis must not kill hours of training."""
+class ProgressReport(TrainCallback):
+    """The job's ``JobProgress``, kept in its RQ meta, and its checkpoints announced on Redis.
+    Writes go out when the state changes, after an evaluation or a checkpoint, and otherwise at
+    most every ``META_WRITE_INTERVAL_S``, so a fast GPU loop does not turn into a stream of Redis
+    writes. Redis errors are logged and skipped: a blip in Redis must not kill hours of
+    training."""
 
     def __init__(self, job: Job, spec: TrainJobSpec) -> None:
         self.job, self.spec = job, spec
         stored = job.meta.get(PROGRESS_META_KEY)
-        # A resumed job keeps its step count and history; the first new step trims what the
-        # checkpoint it resumed from does not hold.
+        # A resumed job keeps its step count and history (trimmed in on_start).
         self.progress = JobProgress.model_validate_json(stored) if stored else JobProgress()
         self._written_at = 0.0
-        self._first_step = True
 
     def update(self, **fields: Any) -> None:
         self.progress = self.progress.model_copy(update=fields)
@@ -95,29 +96,55 @@ class ProgressReport:
             log.warning("job %s: progress not saved (%s)", self.job.id, error)
         self._written_at = time.monotonic()
 
-    def on_progress(self, step: Progress) -> None:
-        evaluated = step.step % self.spec.train.eval_interval == 0 or step.step == step.max_steps
-        if self._first_step:
-            self._first_step = False
-            resumed_from = step.step - 1 if step.step > 1 else None
-            self.update(resumed_from=resumed_from, message=None)
+    def log(self, message: str) -> None:
+        log.info(message)
+
+    def on_start(self, progress: TrainProgress) -> None:
+        # A resumed run goes on from its checkpoint: what was recorded after it is redone.
+        history = [point for point in self.progress.history if point.step <= progress.step]
         self.update(
-            step=step.step,
-            max_steps=step.max_steps,
-            train_loss=step.train_loss,
-            val_loss=step.val_loss,
-            tokens_per_s=step.tokens_per_s,
-            eta_s=step.eta_s,
+            resumed_from=progress.step or None,
+            history=history,
+            message=None,
+            **self._trained(progress),
         )
+        self.save()
+
+    def on_progress(self, progress: TrainProgress) -> None:
+        evaluated = (
+            progress.step % self.spec.train.eval_interval == 0
+            or progress.step == progress.max_steps
+        )
+        self.update(**self._trained(progress))
         self._record(
             LossPoint(
-                step=step.step,
-                train_loss=step.train_loss,
-                val_loss=step.val_loss if evaluated else None,
+                step=progress.step,
+                train_loss=progress.train_loss,
+                val_loss=progress.val_loss if evaluated else None,
             )
         )
         if evaluated or time.monotonic() - self._written_at >= META_WRITE_INTERVAL_S:
             self.save()
+
+    def on_checkpoint(self, path: Path) -> None:
+        meta = read_meta(path)
+        self.update(last_checkpoint=checkpoint_version(self.spec.run_name, meta.name))
+        self.save()
+        announce(
+            self.job.connection,
+            CheckpointAnnouncement(
+                run=self.spec.run_name,
+                name=meta.name,
+                step=meta.step,
+                val_loss=meta.val_loss,
+                job_id=self.job.id,
+            ),
+        )
+
+    @staticmethod
+    def _trained(progress: TrainProgress) -> dict[str, Any]:
+        """The run's own fields; the job names its checkpoint by version, not by path."""
+        return progress.model_dump(exclude={"last_checkpoint"})
 
     def _record(self, point: LossPoint) -> None:
         history = [old for old in self.progress.history if old.step < point.step]
@@ -128,13 +155,9 @@ class ProgressReport:
             history, every = thin_history(history), every * 2
         self.update(history=history, history_every=every)
 
-    def on_checkpoint(self, name: str) -> None:
-        self.update(last_checkpoint=checkpoint_version(self.spec.run_name, name))
-        self.save()
 
-
-class StopRequests:
-    """The trainer's ``should_stop``: true once the API has set the job's stop key.
+class StopRequests(TrainCallback):
+    """True once the API has set the job's stop key (asked at each of the trainer's reports).
 
     It also ends the horse at once when the worker that forked it is gone (``kill -9`` on the
     worker leaves the horse orphaned, re-parented, and still training): an orphan would go on
@@ -146,7 +169,7 @@ class StopRequests:
         self.worker_pid = os.getppid()
         self._checked_at = 0.0
 
-    def __call__(self) -> bool:
+    def should_stop(self) -> bool:
         if os.getppid() != self.worker_pid:
             log.error("the worker (pid %d) is gone; this work horse exits", self.worker_pid)
             os._exit(WORKER_GONE_EXIT_CODE)
@@ -230,30 +253,13 @@ def train_job(spec_json: str) -> dict[str, Any]:
         init_from = fine_tune_source(spec.init_from_run, settings.checkpoint_dir)
         report.set_state("training", "loading the model")
 
-        def on_checkpoint(path: Path) -> None:
-            meta = read_meta(path)
-            report.on_checkpoint(meta.name)
-            announce(
-                job.connection,
-                CheckpointAnnouncement(
-                    run=spec.run_name,
-                    name=meta.name,
-                    step=meta.step,
-                    val_loss=meta.val_loss,
-                    job_id=job.id,
-                ),
-            )
-
         run_dir.mkdir(parents=True, exist_ok=True)
         result = train(
             spec.train,
             data_dir,
             run_dir,
             init_from=init_from,
-            on_progress=report.on_progress,
-            on_checkpoint=on_checkpoint,
-            should_stop=StopRequests(job.connection, job.id),
-            log=log.info,
+            callbacks=[report, StopRequests(job.connection, job.id)],
         )
     except torch.cuda.OutOfMemoryError as error:
         message = (

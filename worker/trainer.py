@@ -6,26 +6,26 @@ A run folder (``run_dir``) ends up holding::
     best.{safetensors,json}            the checkpoint with the lowest validation loss so far
     latest.json                        the manifest: the checkpoint written last
     train-state.json, state-*.safetensors   what exact resume needs (worker.state)
-    history.json, loss.png             evaluations so far, and their curve
+    history.json, loss.png             evaluations so far, and their curve (worker.history)
 
 What the original notebook got wrong, and this loop does instead: the learning rate follows
 warm-up then cosine decay per *optimizer* step (never per micro-batch), ``min_lr`` may not exceed
 the peak, weight decay applies to ≥2-D weights only (not biases, LayerNorms), and stories are
 separated by ``<|endoftext|>`` in the token files (``worker.data``).
 
-Under ``torchrun`` every process trains a slice of each batch with DistributedDataParallel; only
-rank 0 writes files, logs and reports progress.
+Between reports (every ``log_interval`` steps, and at evaluations and checkpoints) the loop never
+waits for the device: the loss stays a device tensor and the stop flag is read only then, so a
+GPU always has the next steps queued. Under ``torchrun`` every process trains a slice of each
+batch with DistributedDataParallel; only rank 0 writes files and calls the callbacks.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
-import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,35 +37,20 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from contract.train import TrainConfig
-from model.atomic import atomic_write_bytes
+from contract.train import TrainConfig, TrainProgress
 from model.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from model.device import pick_device
 from model.evaluate import token_byte_lengths
 from model.gpt import GPT
+from worker.batches import Batches
+from worker.callbacks import CallbackList, Evaluation, TrainCallback
 from worker.data import load_split
+from worker.history import RunHistory, read_history
 from worker.state import TrainState, has_state, load_state, save_state
 
-HISTORY = "history.json"
-LOSS_PLOT = "loss.png"
 BEST = "best"
 # Dense bf16/fp16 peak FLOP/s per GPU, for MFU; GPUs not listed get no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What the trainer reports after every optimizer step (rank 0 only)."""
-
-    step: int
-    max_steps: int
-    train_loss: float  # this step's loss, averaged over its micro-batches
-    val_loss: float | None  # the latest evaluation's
-    lr: float
-    tokens_seen: int
-    tokens_per_s: float
-    eta_s: float
-    last_checkpoint: str | None
 
 
 @dataclass(frozen=True)
@@ -117,56 +102,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-class Batches:
-    """Random windows of ``block_size + 1`` tokens from a memmapped split.
-
-    All processes share one seeded generator and draw the whole global batch, each keeping its
-    own slice: the generator's state is then the whole data position, the same on every rank,
-    and N processes see exactly the windows one process would with an N-times larger batch."""
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        block_size: int,
-        generator: torch.Generator,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if len(tokens) <= block_size + 1:
-            raise TrainError(
-                f"a split of {len(tokens):,} tokens is too short for windows of {block_size}"
-            )
-        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
-        self.generator, self.device = generator, device
-        self.rank, self.world_size = rank, world_size
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        starts = torch.randint(
-            len(self.tokens) - self.block_size,
-            (self.batch_size * self.world_size,),
-            generator=self.generator,
-        )[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        rows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
-        windows = torch.from_numpy(rows.astype(np.int64))
-        if self.device.type == "cuda":
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
-        return windows[:, :-1], windows[:, 1:]
-
-
 # --- the trainer --------------------------------------------------------------------------------
 
 
 class Trainer:
-    """One training run. ``run()`` trains until ``max_steps``, or until ``should_stop()`` says so
-    (checked after every step; the run then saves a checkpoint and returns ``stopped``).
-    ``on_checkpoint`` gets the metadata path of every checkpoint once it is complete on disk
-    (periodic and best alike), for announcing it.
+    """One training run. ``run()`` trains until ``max_steps``, or until a callback's
+    ``should_stop()`` says so (asked at every report; the run then saves a checkpoint and
+    returns ``stopped``). The run folder's history.json and loss.png are kept by a callback of
+    the trainer's own (``worker.history.RunHistory``), called before ``callbacks``.
 
     A ``run_dir`` that already holds a training state is resumed exactly (model, optimizer,
     schedule, GradScaler, every RNG, data position), provided ``config`` is the one it was
-    started with. ``init_from`` fine-tunes: the weights of that checkpoint, a fresh schedule."""
+    started with. ``init_from`` fine-tunes: the weights of that checkpoint, a fresh schedule.
+
+    Set-up, in order: the processes and device, the model (resumed, fine-tuned or new), the
+    optimizer, the data, the counters (restored on resume), the wrapped model (compile, DDP)."""
 
     def __init__(
         self,
@@ -175,98 +125,118 @@ class Trainer:
         run_dir: Path,
         *,
         init_from: Path | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        log: Callable[[str], None] | None = None,
+        callbacks: Sequence[TrainCallback] = (),
     ) -> None:
         if importlib.util.find_spec("matplotlib") is None:  # needed at the first eval: fail now
             raise TrainError("training draws loss.png with matplotlib: pip install 'slm[worker]'")
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
-        self.on_progress, self.on_checkpoint = on_progress, on_checkpoint
-        self.should_stop = should_stop
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.master = self.rank == 0
-        self._log = log if log is not None and self.master else None
-        try:
-            self.device = pick_device(config.device, self.local_rank)
-        except ValueError as error:
-            raise TrainError(str(error)) from None
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._owns_process_group = self.world_size > 1 and not dist.is_initialized()
-        if self._owns_process_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._setup_processes()
+        self.callbacks = CallbackList([RunHistory(self.run_dir), *callbacks] if self.master else [])
 
         resumed = load_state(self.run_dir) if has_state(self.run_dir) else None
-        weights = init_from
-        if resumed is not None:
-            self._check_resumable(resumed)
-            weights = self.run_dir / f"{resumed.checkpoint}.json"
-            init_from = Path(resumed.init_from) if resumed.init_from else None
-        self.init_from = init_from
-        self.model = self._build_model(weights).to(self.device)
-        self.block_size = config.block_size or self.model.config.block_size
-        if self.block_size > self.model.config.block_size:
-            raise TrainError(
-                f"block_size {self.block_size} exceeds the {self.model.config.block_size} "
-                f"positions of the checkpoint {weights}"
-            )
+        self.model = self._restore_or_init(resumed, init_from).to(self.device)
         self.max_steps = config.total_steps(self.block_size, self.world_size)
         self.tokens_per_step = config.tokens_per_step(self.block_size, self.world_size)
+        self.optimizer, self.scaler = self._optimizer()
 
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config.weight_decay),
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            # One kernel per step over all parameters: on the CPU too (5× faster than foreach).
-            fused=self.device.type in ("cuda", "cpu"),
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.train_tokens = load_split(self.data_dir, "train")
         self.val_tokens = load_split(self.data_dir, "val")
-        self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.batches = self._batches(self.train_tokens, self.data_generator)
+        self.batches = self._batches(self.train_tokens, torch.Generator().manual_seed(config.seed))
         # Dropout masks must differ between processes, and follow on from the weights' seed.
         torch.manual_seed(config.seed + self.rank)
 
         self.step, self.tokens_seen = 0, 0
         self.best_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[Evaluation] = []
         if resumed is not None:
             self._restore(resumed)
+        self.forward_model, self.train_model = self._wrap(self.model)
 
-        self.forward_model: torch.nn.Module = self.model
-        if config.compile:
-            self.forward_model = torch.compile(self.model)
-        self.train_model: torch.nn.Module = self.forward_model
-        if self.world_size > 1:
-            self.train_model = DistributedDataParallel(
-                self.forward_model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
+    # --- set-up ---------------------------------------------------------------------------------
 
-    # --- set-up and resume ----------------------------------------------------------------------
+    def _setup_processes(self) -> None:
+        """Rank, device and dtype; the process group under torchrun, unless one exists."""
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+        try:
+            self.device = pick_device(self.config.device, int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError as error:
+            raise TrainError(str(error)) from None
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._owns_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self._owns_process_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-    def _build_model(self, init_from: Path | None) -> GPT:
+    def _restore_or_init(self, resumed: TrainState | None, init_from: Path | None) -> GPT:
+        """The model to train: the resumed run's last checkpoint, the checkpoint to fine-tune,
+        or new weights from the seed; also fixes the window length (``block_size``)."""
+        weights = init_from
+        if resumed is not None:
+            self._check_resumable(resumed)
+            weights = self.run_dir / f"{resumed.checkpoint}.json"
+            init_from = Path(resumed.init_from) if resumed.init_from else None
+        self.init_from = init_from
         torch.manual_seed(self.config.seed)
-        if init_from is None:
-            return GPT(self.config.model())
-        loaded, meta = load_checkpoint(init_from)
+        model = GPT(self.config.model()) if weights is None else self._loaded_model(weights)
+        self.block_size = self.config.block_size or model.config.block_size
+        if self.block_size > model.config.block_size:
+            raise TrainError(
+                f"block_size {self.block_size} exceeds the {model.config.block_size} "
+                f"positions of the checkpoint {weights}"
+            )
+        return model
+
+    def _loaded_model(self, path: Path) -> GPT:
+        loaded, meta = load_checkpoint(path)
         wanted = self.config.model_block_size
         if wanted is not None and wanted != meta.config.block_size:
             raise TrainError(
                 f"model_block_size {wanted} cannot change the {meta.config.block_size} "
-                f"positions of the checkpoint {init_from}"
+                f"positions of the checkpoint {path}"
             )
         # A fresh module with this run's dropout, holding the checkpoint's (fp32) weights.
         model = GPT(meta.config.replace(dropout=self.config.dropout))
         model.load_state_dict(loaded.state_dict())
         return model
+
+    def _optimizer(self) -> tuple[torch.optim.AdamW, torch.amp.GradScaler]:
+        config = self.config
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            # One kernel per step over all parameters: on the CPU too (5× faster than foreach).
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        return optimizer, scaler
+
+    def _batches(self, tokens: np.ndarray, generator: torch.Generator) -> Batches:
+        try:
+            return Batches(
+                tokens,
+                self.config.batch_size,
+                self.block_size,
+                generator,
+                self.device,
+                self.rank,
+                self.world_size,
+            )
+        except ValueError as error:
+            raise TrainError(str(error)) from None
+
+    def _wrap(self, model: GPT) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The model as evaluation calls it (compiled if asked) and as training calls it (also
+        wrapped in DDP under torchrun)."""
+        forward: torch.nn.Module = torch.compile(model) if self.config.compile else model
+        if self.world_size == 1:
+            return forward, forward
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return forward, DistributedDataParallel(forward, device_ids=device_ids)
 
     def _check_resumable(self, state: TrainState) -> None:
         # A setting added since the run started is missing from its state: it ran with the default.
@@ -288,28 +258,14 @@ class Trainer:
     def _restore(self, state: TrainState) -> None:
         self.optimizer.load_state_dict(state.optimizer)
         self.scaler.load_state_dict(state.scaler)
-        self.data_generator.set_state(state.rng["data"])
+        self.batches.restore(state.rng["data"])
         torch.set_rng_state(state.rng[f"torch.{self.rank}"])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(state.rng[f"cuda.{self.rank}"], self.device)
         self.step, self.tokens_seen = state.step, state.tokens_seen
         self.best_val_loss = state.best_val_loss
         self.last_checkpoint = self.run_dir / f"{state.checkpoint}.json"
-        history = self.run_dir / HISTORY
-        if history.is_file():
-            evals = json.loads(history.read_bytes())["evals"]
-            self.history = [entry for entry in evals if entry["step"] <= self.step]
-
-    def _batches(self, tokens: np.ndarray, generator: torch.Generator) -> Batches:
-        return Batches(
-            tokens,
-            self.config.batch_size,
-            self.block_size,
-            generator,
-            self.device,
-            self.rank,
-            self.world_size,
-        )
+        self.history = read_history(self.run_dir, self.step)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.dtype == torch.float32:
@@ -327,57 +283,75 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         self.model.train()
-        self._say(
+        self.callbacks.log(
             f"training {self.model.num_parameters():,} parameters on {self.device} "
             f"({str(self.dtype).removeprefix('torch.')}, {self.world_size} process(es)): "
             f"step {self.step} of {self.max_steps}, {self.tokens_per_step:,} tokens per step"
         )
-        step_seconds: float | None = None
         val_loss = self.history[-1]["val_loss"] if self.history else None
+        self.callbacks.on_start(self._progress(val_loss=val_loss))
+        losses = torch.zeros((), device=self.device)  # summed on the device between reports
+        since_report, reported_at = 0, time.perf_counter()
         while self.step < self.max_steps:
-            started = time.perf_counter()
             lr = lr_at(self.step, self.config, self.max_steps)
-            loss = self._optimizer_step(lr)
+            losses += self._optimizer_step(lr)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
-            elapsed = time.perf_counter() - started
-            # A moving average, so one slow step (compilation, an eval) barely moves the ETA.
-            step_seconds = elapsed if step_seconds is None else 0.9 * step_seconds + 0.1 * elapsed
-            tokens_per_s = self.tokens_per_step / step_seconds
-            if self.step % self.config.log_interval == 0:
-                self._say(
-                    f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            since_report += 1
+
+            last = self.step == self.max_steps
+            evaluate = self.step % self.config.eval_interval == 0 or last
+            interval = self.config.checkpoint_interval
+            checkpoint = bool(interval and self.step % interval == 0) or last
+            logged = self.step % self.config.log_interval == 0
+            if not (evaluate or checkpoint or logged):
+                continue
+
+            # A report: the one place the loop waits for the device.
+            train_loss = (losses / since_report).item()
+            seconds_per_step = (time.perf_counter() - reported_at) / since_report
+            tokens_per_s = self.tokens_per_step / seconds_per_step
+            if logged:
+                self.callbacks.log(
+                    f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_s:,.0f} tokens/s{self._mfu(tokens_per_s)}"
                 )
-
             evaluated = None
-            if self.step % self.config.eval_interval == 0 or self.step == self.max_steps:
+            if evaluate:
                 evaluated = self._evaluate(lr)
                 val_loss = evaluated["val_loss"]
             stop = self._stop_requested()
-            interval = self.config.checkpoint_interval
-            if (interval and self.step % interval == 0) or stop or self.step == self.max_steps:
+            if checkpoint or stop:
                 self._save(evaluated)
-            if self.master and self.on_progress is not None:
-                self.on_progress(
-                    Progress(
-                        step=self.step,
-                        max_steps=self.max_steps,
-                        train_loss=loss,
-                        val_loss=val_loss,
-                        lr=lr,
-                        tokens_seen=self.tokens_seen,
-                        tokens_per_s=tokens_per_s,
-                        eta_s=(self.max_steps - self.step) * step_seconds,
-                        last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                    )
+            self.callbacks.on_progress(
+                self._progress(
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    lr=lr,
+                    tokens_per_s=tokens_per_s,
+                    eta_s=(self.max_steps - self.step) * seconds_per_step,
                 )
+            )
             if stop:
-                self._say(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}")
+                self.callbacks.log(
+                    f"stopped at step {self.step}; checkpoint {self.last_checkpoint}"
+                )
                 return self._result("stopped")
+            losses.zero_()
+            since_report, reported_at = 0, time.perf_counter()
         return self._result("finished")
 
-    def _optimizer_step(self, lr: float) -> float:
+    def _progress(self, **measured: float | None) -> TrainProgress:
+        return TrainProgress(
+            step=self.step,
+            max_steps=self.max_steps,
+            tokens_seen=self.tokens_seen,
+            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            **measured,
+        )
+
+    def _optimizer_step(self, lr: float) -> Tensor:
+        """One optimizer step; its loss (the mean over its micro-batches) stays on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = self.config.grad_accum
@@ -390,6 +364,7 @@ class Trainer:
             with sync:
                 with self._autocast():
                     _, loss = self.train_model(x, y)
+                self.batches.prefetch()  # gathered while the device runs the forward pass
                 total += loss.detach()
                 # The mean over ``accum`` micro-batches, as if they were one large batch.
                 self.scaler.scale(loss / accum).backward()
@@ -399,10 +374,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return (total / accum).item()
+        return total / accum
 
     def _stop_requested(self) -> bool:
-        stop = self.master and self.should_stop is not None and self.should_stop()
+        stop = self.master and self.callbacks.should_stop()
         if self.world_size == 1:
             return stop
         # Rank 0 decides; every process must leave the loop at the same step.
@@ -427,12 +402,12 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _evaluate(self, lr: float) -> dict[str, Any]:
+    def _evaluate(self, lr: float) -> Evaluation:
         """Mean loss over ``eval_iters`` batches of each split, the same windows every time (a
         generator of their own, so evaluating never moves the training data position)."""
         self.model.eval()
         byte_lengths = token_byte_lengths().to(self.device)
-        metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
+        metrics: Evaluation = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
             batches = self._batches(tokens, torch.Generator().manual_seed(self.config.seed + 1))
             totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, bytes, count
@@ -451,16 +426,12 @@ class Trainer:
         metrics["val_perplexity"] = math.exp(metrics["val_loss"])
         self.model.train()
         self.history.append(metrics)
-        self._say(
+        self.callbacks.log(
             f"eval step {self.step}: train loss {metrics['train_loss']:.4f}, val loss "
             f"{metrics['val_loss']:.4f}, val perplexity {metrics['val_perplexity']:.2f}, "
             f"val {metrics['val_bits_per_byte']:.3f} bits/byte"
         )
-        if self.master:
-            atomic_write_bytes(
-                self.run_dir / HISTORY, (json.dumps({"evals": self.history}, indent=2)).encode()
-            )
-            atomic_write_bytes(self.run_dir / LOSS_PLOT, loss_plot(self.history))
+        self.callbacks.on_evaluation(self.history)
         if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
             self.best_val_loss = metrics["val_loss"]
             if self.master:
@@ -470,7 +441,7 @@ class Trainer:
     # --- checkpoints and state ------------------------------------------------------------------
 
     def _checkpoint(
-        self, metrics: dict[str, Any] | None, name: str | None = None, latest: bool = True
+        self, metrics: Evaluation | None, name: str | None = None, latest: bool = True
     ) -> Path:
         """Save the model; ``latest=False`` for the best-so-far copy, which neither moves the
         run's manifest nor is announced: services follow the periodic checkpoints."""
@@ -490,14 +461,14 @@ class Trainer:
                 "init_from": str(self.init_from) if self.init_from else None,
             },
         )
-        self._say(f"saved {path}")
-        if latest and self.on_checkpoint is not None:
-            self.on_checkpoint(path)
+        self.callbacks.log(f"saved {path}")
+        if latest:
+            self.callbacks.on_checkpoint(path)
         return path
 
-    def _save(self, metrics: dict[str, Any] | None) -> None:
+    def _save(self, metrics: Evaluation | None) -> None:
         """A periodic checkpoint and, beside it, the training state that resumes from it."""
-        rng = {"data": self.data_generator.get_state()}
+        rng = {"data": self.batches.position()}
         for kind, state in self._rng_states().items():
             for rank, tensor in enumerate(self._gather(state)):
                 rng[f"{kind}.{rank}"] = tensor
@@ -549,31 +520,6 @@ class Trainer:
             run_dir=self.run_dir,
         )
 
-    def _say(self, message: str) -> None:
-        if self._log is not None:
-            self._log(message)
-
-
-def loss_plot(history: list[dict[str, Any]]) -> bytes:
-    """A PNG of train and validation loss against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to memory
-    from matplotlib import pyplot as plt
-
-    steps = [entry["step"] for entry in history]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    axes.plot(steps, [entry["train_loss"] for entry in history], marker=".", label="train")
-    axes.plot(steps, [entry["val_loss"] for entry in history], marker=".", label="val")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
 
 def train(
     config: TrainConfig,
@@ -581,19 +527,7 @@ def train(
     run_dir: Path,
     *,
     init_from: Path | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    on_checkpoint: Callable[[Path], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     """Train (or resume, when ``run_dir`` holds a training state); see ``Trainer``."""
-    return Trainer(
-        config,
-        data_dir,
-        run_dir,
-        init_from=init_from,
-        on_progress=on_progress,
-        on_checkpoint=on_checkpoint,
-        should_stop=should_stop,
-        log=log,
-    ).run()
+    return Trainer(config, data_dir, run_dir, init_from=init_from, callbacks=callbacks).run()

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from contract.broker import connect
-from contract.jobs import JobState, LossPoint, TrainJobSpec
+from contract.jobs import JobSummary, LossHistory, TrainJobSpec
 from contract.settings import Settings
 from contract.store import (
     JobNotActive,
@@ -52,33 +52,20 @@ Authorized = [Depends(require_api_key)]
 # --- response models ----------------------------------------------------------------------------
 
 
-class TrainJobStatus(BaseModel):
-    """A job at a glance, as listed."""
+class TrainJobStatus(JobSummary):
+    """A job at a glance, as listed: its progress without the loss history."""
 
     id: str
     run_name: str
-    state: JobState
-    message: str | None = None
-    step: int = 0
-    max_steps: int | None = None
-    train_loss: float | None = None
-    val_loss: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-    last_checkpoint: str | None = Field(None, description="<run>/<name> under CHECKPOINT_DIR")
-    resumed_from: int | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    updated_at: datetime | None = Field(None, description="when the worker last reported")
 
 
-class TrainJob(TrainJobStatus):
+class TrainJob(TrainJobStatus, LossHistory):
     """One job in full: its spec and its loss history."""
 
     spec: TrainJobSpec
-    history: list[LossPoint]
-    history_every: int = Field(description="steps between history points (grows as it thins)")
 
 
 class TrainJobPage(BaseModel):
@@ -89,35 +76,24 @@ class TrainJobPage(BaseModel):
     next_offset: int | None = Field(None, description="offset of the next page; null at the end")
 
 
+# What of a job's stored progress each answer shows; state and message are derived (job_state).
+SUMMARY = set(JobSummary.model_fields) - {"state", "message"}
+DETAIL = SUMMARY | set(LossHistory.model_fields)
+
+
 def job_status(record: TrainJobRecord) -> TrainJobStatus:
-    return TrainJobStatus(**_fields(record))
+    return TrainJobStatus(**_fields(record), **record.progress.model_dump(include=SUMMARY))
 
 
 def job_detail(record: TrainJobRecord) -> TrainJob:
     return TrainJob(
-        **_fields(record),
-        spec=record.spec,
-        history=record.progress.history,
-        history_every=record.progress.history_every,
+        **_fields(record), **record.progress.model_dump(include=DETAIL), spec=record.spec
     )
 
 
 def _fields(record: TrainJobRecord) -> dict[str, Any]:
     job = record.job
     return {
-        **record.progress.model_dump(
-            include={
-                "step",
-                "max_steps",
-                "train_loss",
-                "val_loss",
-                "tokens_per_s",
-                "eta_s",
-                "last_checkpoint",
-                "resumed_from",
-                "updated_at",
-            }
-        ),
         "id": job.id,
         "run_name": record.spec.run_name,
         "state": record.state,
