@@ -11,8 +11,9 @@ memmapped ``train.bin``, the LR schedule, clipping, AdamW with decay groups, a r
 --nanogpt: its ``get_batch`` on the same ``train.bin`` (the next batch fetched between forward
 and backward), its ``configure_optimizers``, the GradScaler, clipping at 1.0, and ``loss.item()``
 every step (its default log_interval of 1). Its vocabulary is padded to 50,304, as nanoGPT does
-for GPT-2 tokens. Both use the same dtype: float32 on the CPU (nanoGPT's train.py never
-autocasts there), --dtype on a GPU.
+for GPT-2 tokens. Both use the same dtype, --dtype: ``auto`` is float32 on the CPU (as nanoGPT's
+train.py always is there) and bfloat16 (else float16) on a GPU; ``--dtype bfloat16`` autocasts
+both on the CPU too.
 
 Each round times --steps steps of each contender after a first window of --steps steps (warm-up,
 compilation); the contenders alternate for --repeats rounds, so machine noise hits both alike,
@@ -96,7 +97,7 @@ def nanogpt_step_seconds(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (
         nullcontext()
-        if device.type == "cpu"
+        if dtype == torch.float32
         else torch.autocast(device_type=device.type, dtype=dtype)
     )
     data = load_split(data_dir, "train")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from servers import redis_server
+from shared import SHARED_DATA
 from weights import sharp_model
 
 from model import GPT, preset
 from model.tokenizer import Tokenizer, get_tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from shared import SHARED_DATA
 
 from model import GPT, preset
 from model.evaluate import (

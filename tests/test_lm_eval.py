@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED_DATA
 from servers import ApiServer, api_server
+from shared import SHARED_DATA
 
 from contract.train import TrainConfig
 from worker.trainer import train
