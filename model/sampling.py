@@ -42,7 +42,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-MAX_SEED = 2**63 - 1
+# Seeds stay within JavaScript's exact integers (Number.MAX_SAFE_INTEGER), so a seed the service
+# reports survives JSON.parse in a browser or any JavaScript client and replays the same story.
+MAX_SEED = 2**53 - 1
 # Rows with top-p or min-p but no top-k look for their nucleus among this many best tokens
 # first, and sort the whole vocabulary only when it is not there (a flat distribution).
 NUCLEUS_CANDIDATES = 256
@@ -95,7 +97,7 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+            raise ValueError(f"seed must be in [0, 2**53 - 1], got {self.seed}")
         if any(not stop for stop in self.stop):
             raise ValueError("stop strings must not be empty")
         for name in ("logprobs", "prompt_logprobs"):
@@ -122,14 +124,16 @@ class SamplingParams:
 
 
 def resolve_seed(seed: int | None) -> int:
-    """``seed``, or a fresh random one to report with the story so that it can be replayed."""
-    return secrets.randbits(63) if seed is None else seed
+    """``seed``, or a fresh random one (at most MAX_SEED) to report with the story so that it can
+    be replayed."""
+    return secrets.randbits(53) if seed is None else seed
 
 
 def derive_seed(seed: int, index: int) -> int:
     """The seed of a request's ``index``-th completion: the request's own for the first, so one
     completion replays as it would alone; an odd multiple of the golden ratio apart for the
-    others (odd, so distinct indices always get distinct seeds modulo 2**63)."""
+    others, wrapped within MAX_SEED (odd, so distinct indices always get distinct seeds modulo
+    2**53)."""
     return (seed + index * 0x9E3779B97F4A7C15) & MAX_SEED
 
 

@@ -90,7 +90,8 @@ class SamplingRequest(BaseModel):
         ge=0,
         le=MAX_SEED,
         description="replays the answer exactly; of n completions, the i-th uses a seed derived "
-        "from it",
+        "from it. At most 2**53 - 1 (JavaScript's largest exact integer), as are the seeds the "
+        "service picks",
     )
     stream: Stream = False
     logprobs: int | None = Field(

@@ -131,6 +131,7 @@ def test_generate_streams_each_tokens_logprob_with_alternatives(client) -> None:
         ({"prompt": "Hi", "max_tokens": 0}, "max_tokens", "echo"),
         ({"prompt": "Hi", "echo": "maybe"}, "echo", "boolean"),
         ({"prompt": "Hi", "model": "no-such-run"}, "model", "/v1/models"),
+        ({"prompt": "Hi", "seed": 2**53}, "seed", "9007199254740991"),
         ({"prompt": "Hi " * 300, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt",
          "context"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -351,6 +352,7 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             info = page.locator("#story-info")
             expect(info).to_contain_text(f"model {version_b},", timeout=30_000)
             expect(page.locator("#story-text")).not_to_be_empty()
+            replay_a_seed(page, "run-b")
 
             # A run deleted since the picker listed it: the server's 404 message is shown, and
             # the picker drops it (back to the newest run).
@@ -368,8 +370,36 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
                 "(root) => [root.scrollWidth, root.clientWidth]"
             )
             assert scrolled <= shown, f"the page is {scrolled} px wide in a {shown} px window"
+            replay_a_seed(page, "run-b")
         finally:
             browser.close()
+
+
+def replay_a_seed(page, run: str) -> None:
+    """Write a story with a random seed, then write again with the seed the page showed: the
+    same story (a seed above 2**53 would have been shown, and sent back, rounded)."""
+    from playwright.sync_api import expect
+
+    page.get_by_label("Run", exact=True).select_option(run)
+    page.get_by_label("Max new tokens").fill("24")
+    seed_input = page.get_by_label("Seed", exact=True)
+    generate = page.get_by_role("button", name="Generate")
+    info, story = page.locator("#story-info"), page.locator("#story-text")
+    seed_input.fill("")
+    generate.click()
+    expect(generate).to_be_enabled(timeout=30_000)
+    shown = re.search(r"model (\S+), seed (\d+)$", info.text_content())
+    assert shown, info.text_content()
+    first = story.text_content()
+    assert first
+    seed_input.fill(shown[2])
+    with page.expect_request(lambda request: request.url.endswith("/generate")) as sent:
+        generate.click()
+    assert sent.value.post_data_json["seed"] == int(shown[2])
+    expect(generate).to_be_enabled(timeout=30_000)
+    expect(info).to_contain_text(f"model {shown[1]}, seed {shown[2]}")
+    assert story.text_content() == first, (shown[2], first, story.text_content())
+    seed_input.fill("")
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path, train_data: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.sampling import BatchSampler, SamplingParams, resolve_seed
+from model.sampling import MAX_SEED, BatchSampler, SamplingParams, derive_seed, resolve_seed
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()
@@ -185,6 +185,21 @@ def test_a_fresh_seed_is_reported_so_a_sample_can_be_replayed() -> None:
     seed_a, seed_b = resolve_seed(None), resolve_seed(None)
     assert seed_a != seed_b and 0 <= seed_a < 2**63
     assert resolve_seed(5) == 5
+
+
+def test_seeds_stay_within_javascripts_exact_integers() -> None:
+    """A seed above 2**53 - 1 would reach a browser rounded, and the "same" seed write another
+    story: fresh, derived and accepted seeds all stay at or below Number.MAX_SAFE_INTEGER."""
+    assert MAX_SEED == 2**53 - 1
+    assert all(0 <= resolve_seed(None) <= MAX_SEED for _ in range(2000))
+    for seed in (0, 7, MAX_SEED - 1, MAX_SEED):
+        assert derive_seed(seed, 0) == seed
+        derived = [derive_seed(seed, i) for i in range(64)]
+        assert all(0 <= value <= MAX_SEED for value in derived)
+        assert len(set(derived)) == 64
+    SamplingParams(seed=MAX_SEED)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=MAX_SEED + 1)
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server) -> None:
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"seed": -1}, "seed"),
+        ({"seed": 2**53}, "seed"),
         ({"stop": ["a"] * 9}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"prompt": "word " * 300}, "prompt"),
@@ -156,6 +157,26 @@ def test_bad_inputs_get_422_naming_the_field(server, change, field) -> None:
     error = response.json()["error"]
     assert error["param"] == field
     assert field in error["message"]
+
+
+def test_seeds_stay_within_javascripts_exact_integers(server) -> None:
+    """A fresh seed is at most 2**53 - 1, so JSON.parse in a browser reads it exactly and the
+    seed sent back replays the story; the largest such seed is accepted, one above is a 422."""
+    body = {"prompt": "Hi", "max_new_tokens": 4, "stream": False}
+    with server.client() as client:
+        for _ in range(3):
+            answer = client.post("/generate", json=body, headers=AUTH)
+            assert answer.status_code == 200, answer.text
+            seed = answer.json()["seed"]
+            assert 0 <= seed <= 2**53 - 1, seed
+            again = client.post("/generate", json={**body, "seed": seed}, headers=AUTH)
+            assert again.json()["text"] == answer.json()["text"]
+        largest = client.post("/generate", json={**body, "seed": 2**53 - 1}, headers=AUTH)
+        assert largest.status_code == 200, largest.text
+        above = client.post("/generate", json={**body, "seed": 2**53}, headers=AUTH)
+    assert above.status_code == 422, above.text
+    assert above.json()["error"]["param"] == "seed"
+    assert "seed" in above.json()["error"]["message"]
 
 
 def test_max_tokens_is_read_as_max_new_tokens_within_the_same_limit(server) -> None:
