@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from contract.settings import Settings
 from service.engine import Engine
@@ -41,12 +42,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.stop()
 
 
+# Where /docs (Swagger UI) and /redoc load their scripts and styles from: files that the
+# fastapi-offline package ships, served by this app, not FastAPI's default CDN, so the pages work
+# on a machine with no internet.
+DOCS_ASSETS = "/docs-assets"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline is a FastAPI whose /docs and /redoc are FastAPI's own pages pointed at a
+    # StaticFiles mount (FastAPI's "Self-hosting JavaScript and CSS for docs" recipe).
+    app = FastAPIOffline(
         title="slm",
         summary="Stories from a small GPT, streamed; training jobs on a GPU worker",
         version="0.1.0",
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
     )
     app.state.settings = settings or Settings()
     install_error_handlers(app)

@@ -167,7 +167,8 @@ def no_model_message(settings: Settings) -> str:
     folder = settings.checkpoint_dir
     return (
         f"no model loaded yet: there is no valid checkpoint under {folder} (CHECKPOINT_DIR). "
-        f"Train one with `slm train --data DATA_DIR --out {folder}/RUN` or POST /train-jobs, "
+        f"Train one with `slm train --data DATA_DIR --out {folder}/RUN` or POST /train-jobs "
+        f"(or use the Train panel of the playground at /), "
         f"or write an untrained one with `slm init --preset tiny --out {folder}/RUN`; "
         f"the service loads it within {settings.reload_poll_s:g} s."
     )
