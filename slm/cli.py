@@ -239,10 +239,12 @@ def _generate(args: argparse.Namespace) -> int:
         first_token_at = first_token_at or time.perf_counter()
         tokens += event.token_id is not None  # <|endoftext|> ends a story, is not in it
         finish = event.finish_reason
+    sys.stdout.write("\n")  # the story ends its line, as text on a terminal does
+    sys.stdout.flush()
     decoding = time.perf_counter() - first_token_at
     rate = f", then {(tokens - 1) / decoding:.1f} tok/s" if tokens > 1 else ""
     print(
-        f"\n[{finish}; {tokens} tokens; first after {first_token_at - started:.2f} s{rate}]",
+        f"[{finish}; {tokens} tokens; first after {first_token_at - started:.2f} s{rate}]",
         file=sys.stderr,
     )
     return 0
@@ -514,7 +516,7 @@ def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from contract.train import TrainConfig, describe_error
-    from worker.callbacks import ProgressBar
+    from worker.callbacks import ProgressBar, StopOnInterrupt
     from worker.state import has_state, load_state
     from worker.trainer import train
 
@@ -537,8 +539,9 @@ def _train(args: argparse.Namespace) -> int:
         data_dir, run_dir = args.data, args.out
 
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone reports
-    with ProgressBar(quiet=args.quiet or not master) as bar:
-        result = train(config, data_dir, run_dir, init_from=args.init_from, callbacks=[bar])
+    with ProgressBar(quiet=args.quiet or not master) as bar, StopOnInterrupt() as interrupt:
+        callbacks = [bar, interrupt]
+        result = train(config, data_dir, run_dir, init_from=args.init_from, callbacks=callbacks)
     if master:
         best = "none" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
         print(
@@ -546,6 +549,8 @@ def _train(args: argparse.Namespace) -> int:
             f"({result.tokens_seen:,} tokens); best val loss {best}; "
             f"checkpoint {result.last_checkpoint}"
         )
+        if result.status == "stopped":
+            print(f"continue with: slm train --resume {run_dir}")
     return 0
 
 
@@ -635,10 +640,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The extra that installs each optional dependency a command may import.
+EXTRA_OF_MODULE = {
+    "gguf": "export",
+    "matplotlib": "worker",
+    "huggingface_hub": "worker",
+    "fastapi": "service",
+    "uvicorn": "service",
+    "sse_starlette": "service",
+    "prometheus_client": "service",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"slm {args.command}: needs {error.name}, from the {extra!r} extra: "
+            f'pip install -c constraints/cpu.txt -e ".[{extra}]" in a checkout, '
+            f'else pip install "slm[{extra}]"',
+            file=sys.stderr,
+        )
+        return 1
     except (ValueError, OSError, RuntimeError) as error:
         print(f"slm {args.command}: error: {error}", file=sys.stderr)
         return 2

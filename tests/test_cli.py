@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +97,65 @@ def test_bad_train_options_are_a_clear_error(train_data, tmp_path) -> None:
     for result in (inverted, empty):
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_story_ends_its_line(tmp_path) -> None:
+    slm("init", "--preset", "tiny", "--out", str(tmp_path / "run"))
+    story = slm("generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4")
+    assert story.returncode == 0, story.stderr
+    assert story.stdout.endswith("\n") and not story.stdout.endswith("\n\n")
+
+
+def test_a_missing_extra_is_named_in_one_line(tmp_path) -> None:
+    # A `gguf` that cannot be imported, as in a venv made without the export extra.
+    (tmp_path / "absent" / "gguf").mkdir(parents=True)
+    (tmp_path / "absent" / "gguf" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'gguf'\", name='gguf')\n"
+    )
+    slm("init", "--preset", "tiny", "--out", str(tmp_path / "run"))
+    env = {"PYTHONPATH": str(tmp_path / "absent")}
+    exported = slm("export-gguf", str(tmp_path / "run"), str(tmp_path / "m.gguf"), env=env)
+    assert exported.returncode == 1
+    assert "Traceback" not in exported.stderr
+    assert exported.stderr.strip().splitlines() == [
+        "slm export-gguf: needs gguf, from the 'export' extra: pip install -c constraints/cpu.txt"
+        ' -e ".[export]" in a checkout, else pip install "slm[export]"'
+    ]
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_0(train_data, tmp_path) -> None:
+    run = tmp_path / "run"
+    options = ("--max-steps", "100000", "--batch-size", "2", "--block-size", "16")
+    options += ("--log-interval", "1", "--eval-iters", "1", "--checkpoint-interval", "0")
+    process = subprocess.Popen(
+        [SLM, "train", "--data", str(train_data), "--out", str(run), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stderr:  # the first step's log line: training is under way
+            if line.startswith("step 1/"):
+                break
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    assert "a checkpoint is saved after this step (Ctrl-C again aborts)" in stderr
+    stopped = re.search(r"stopped at step (\d+)/100000 .* checkpoint (\S+)", stdout)
+    assert stopped is not None, stdout
+    checkpoint = Path(stopped[2])
+    assert checkpoint == run / f"step-{int(stopped[1]):08d}.json" and checkpoint.is_file()
+    assert f"continue with: slm train --resume {run}" in stdout
+    assert "Traceback" not in stderr
+
+
+def test_the_embedded_redis_data_is_not_committed() -> None:
+    root = Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--quiet", ".slm/redis/dump.rdb"], cwd=root, check=False
+    )
+    assert ignored.returncode == 0

@@ -2,16 +2,18 @@
 Lightning's trainers take, instead of a keyword argument per hook.
 
 The trainer calls its callbacks on rank 0 only (under torchrun rank 0 also decides for every
-process when to stop), at its reports: every ``log_interval`` steps and at each evaluation and
-checkpoint. The CLI's progress bar, a job's progress in Redis and the run folder's loss curve
-(``worker.history``) are all callbacks.
+process when to stop), mostly at its reports: every ``log_interval`` steps and at each evaluation
+and checkpoint. The CLI's progress bar and Ctrl-C, a job's progress in Redis and its stop key,
+and the run folder's loss curve (``worker.history``) are all callbacks.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from contract.train import TrainProgress
@@ -43,7 +45,9 @@ class TrainCallback:
         is its metadata file); the best-so-far copy is not announced."""
 
     def should_stop(self) -> bool:
-        """Asked at every report; True ends the run there, after a checkpoint."""
+        """Asked after every step (under torchrun only at reports, where rank 0's answer is
+        broadcast); True ends the run there, after a checkpoint. Answer from the host: it is
+        asked often."""
         return False
 
 
@@ -106,3 +110,33 @@ class ProgressBar(TrainCallback):
         loss, rate = progress.train_loss, progress.tokens_per_s
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         self.bar.update(progress.step - self.bar.n)
+
+
+class StopOnInterrupt(TrainCallback):
+    """Ctrl-C as a stop request, as a job's Stop is: the run saves a checkpoint after the step in
+    progress and returns ``stopped``; a second Ctrl-C aborts at once (KeyboardInterrupt). A
+    context manager: SIGINT's handler is installed on entry and put back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        self._previous = signal.signal(signal.SIGINT, self._interrupted)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _interrupted(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nstopping: a checkpoint is saved after this step (Ctrl-C again aborts)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def should_stop(self) -> bool:
+        return self.requested

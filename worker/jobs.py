@@ -52,7 +52,7 @@ from worker.trainer import BEST, train
 log = logging.getLogger("slm.worker")
 
 META_WRITE_INTERVAL_S = 0.5  # progress reaches Redis at most twice a second between events
-STOP_POLL_INTERVAL_S = 0.25  # how often the stop key is read (the trainer asks at each report)
+STOP_POLL_INTERVAL_S = 0.25  # how often the stop key is read (the trainer asks every step)
 WORKER_GONE_EXIT_CODE = 70
 
 
@@ -157,7 +157,7 @@ class ProgressReport(TrainCallback):
 
 
 class StopRequests(TrainCallback):
-    """True once the API has set the job's stop key (asked at each of the trainer's reports).
+    """True once the API has set the job's stop key (read at most every STOP_POLL_INTERVAL_S).
 
     It also ends the horse at once when the worker that forked it is gone (``kill -9`` on the
     worker leaves the horse orphaned, re-parented, and still training): an orphan would go on

@@ -14,9 +14,10 @@ the peak, weight decay applies to ≥2-D weights only (not biases, LayerNorms), 
 separated by ``<|endoftext|>`` in the token files (``worker.data``).
 
 Between reports (every ``log_interval`` steps, and at evaluations and checkpoints) the loop never
-waits for the device: the loss stays a device tensor and the stop flag is read only then, so a
-GPU always has the next steps queued. Under ``torchrun`` every process trains a slice of each
-batch with DistributedDataParallel; only rank 0 writes files and calls the callbacks.
+waits for the device: the loss stays a device tensor, and under torchrun the stop flag is
+broadcast only then, so a GPU always has the next steps queued. Under ``torchrun`` every process
+trains a slice of each batch with DistributedDataParallel; only rank 0 writes files and calls
+the callbacks.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class Trainer:
     """One training run. ``run()`` trains until ``max_steps``, or until a callback's
-    ``should_stop()`` says so (asked at every report; the run then saves a checkpoint and
-    returns ``stopped``). The run folder's history.json and loss.png are kept by a callback of
-    the trainer's own (``worker.history.RunHistory``), called before ``callbacks``.
+    ``should_stop()`` says so (asked after every step, at reports only under torchrun; the run
+    then saves a checkpoint, reports, and returns ``stopped``). The run folder's history.json
+    and loss.png are kept by a callback of the trainer's own (``worker.history.RunHistory``),
+    called before ``callbacks``.
 
     A ``run_dir`` that already holds a training state is resumed exactly (model, optimizer,
     schedule, GradScaler, every RNG, data position), provided ``config`` is the one it was
@@ -304,7 +306,9 @@ class Trainer:
             interval = self.config.checkpoint_interval
             checkpoint = bool(interval and self.step % interval == 0) or last
             logged = self.step % self.config.log_interval == 0
-            if not (evaluate or checkpoint or logged):
+            report = evaluate or checkpoint or logged
+            stop = self._stop_requested(report)
+            if not (report or stop):
                 continue
 
             # A report: the one place the loop waits for the device.
@@ -320,7 +324,6 @@ class Trainer:
             if evaluate:
                 evaluated = self._evaluate(lr)
                 val_loss = evaluated["val_loss"]
-            stop = self._stop_requested()
             if checkpoint or stop:
                 self._save(evaluated)
             self.callbacks.on_progress(
@@ -376,11 +379,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total / accum
 
-    def _stop_requested(self) -> bool:
-        stop = self.master and self.callbacks.should_stop()
+    def _stop_requested(self, report: bool) -> bool:
+        """Asked after every step of one process (no device sync: the callbacks answer from
+        the host); under torchrun only at reports, since every process must hear rank 0's answer
+        and leave the loop at the same step."""
         if self.world_size == 1:
-            return stop
-        # Rank 0 decides; every process must leave the loop at the same step.
+            return self.callbacks.should_stop()
+        if not report:
+            return False
+        stop = self.master and self.callbacks.should_stop()
         flag = torch.tensor([float(stop)], device=self.device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())
