@@ -26,6 +26,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contract.datasets import missing_dataset
 from contract.jobs import (
     JOB_FUNCTION,
     PROGRESS_META_KEY,
@@ -68,6 +69,10 @@ class JobNotActive(JobStoreError):
 
 
 class JobNotResumable(JobStoreError):
+    pass
+
+
+class DatasetNotPrepared(JobStoreError):
     pass
 
 
@@ -210,7 +215,14 @@ class TrainJobs:
                     continue
 
     def submit(self, spec: TrainJobSpec) -> TrainJobRecord:
+        """Queue ``spec``; a dataset it names must be prepared under DATA_DIR, where this process
+        can see DATA_DIR's datasets (``contract.datasets.missing_dataset``), else
+        DatasetNotPrepared. A source is the worker's to prepare."""
         self.reap_abandoned()
+        if spec.data.dataset is not None:
+            problem = missing_dataset(self.settings.data_dir, spec.data.dataset)
+            if problem is not None:
+                raise DatasetNotPrepared(problem)
         job = Job.create(
             JOB_FUNCTION,
             args=(spec.model_dump_json(),),

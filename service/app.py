@@ -19,9 +19,18 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import RequestMetrics
 from service.reloader import Reloader
-from service.routes import admin, generate, health, openai, playground, tokenizer, train_jobs
+from service.routes import (
+    admin,
+    datasets,
+    generate,
+    health,
+    openai,
+    playground,
+    tokenizer,
+    train_jobs,
+)
 
-ROUTE_GROUPS = (generate, openai, tokenizer, health, admin, train_jobs, playground)
+ROUTE_GROUPS = (generate, openai, tokenizer, health, admin, train_jobs, datasets, playground)
 
 
 @asynccontextmanager

@@ -7,6 +7,9 @@ import functools
 import http.server
 import json
 import os
+import re
+import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ import redis
 from servers import api_server, free_port, wait_for
 from workers import (
     ABANDONED_AFTER_S,
+    SLM,
     jobs_env,
     jobs_redis_url,
     link_dataset,
@@ -27,7 +31,14 @@ from workers import (
     worker_process,
 )
 
-from contract.jobs import CHECKPOINT_CHANNEL, LATEST_CHECKPOINT_KEY, CheckpointAnnouncement
+from contract.jobs import (
+    CHECKPOINT_CHANNEL,
+    LATEST_CHECKPOINT_KEY,
+    CheckpointAnnouncement,
+    TrainJobSpec,
+)
+from contract.settings import Settings
+from contract.store import TrainJobs
 from model.checkpoint import latest_checkpoint, load_checkpoint
 
 API_KEY = "test-train-jobs-key"
@@ -204,13 +215,41 @@ def test_a_killed_worker_is_detected_and_its_job_resumes_from_the_last_checkpoin
     assert history_steps(job) == list(range(1, 41))  # no gap, no step counted twice
 
 
-def test_a_failed_job_leaves_the_worker_ready_for_the_next(client, worker):
-    broken = submit(client, {**tiny_spec("no-data-run"), "data": {"dataset": "missing-data"}})
-    broken = wait_for_job(client, broken["id"], state_is("failed", "finished"), JOB_TIMEOUT_S)
-    assert broken["state"] == "failed"
-    assert "missing-data" in broken["message"] and "not prepared" in broken["message"]
+def write_stories(path: Path) -> Path:
+    """A text file of 3,000 short stories, <|endoftext|> between them."""
+    stories = [
+        f"Story {i}. Mia saw {i % 7} red birds in the park, and Tom laughed. They went home."
+        for i in range(3000)
+    ]
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories))
+    return path
 
-    job = submit(client, tiny_spec("after-failure-run", max_steps=3, eval_interval=3))
+
+def test_a_job_whose_data_the_api_cannot_see_fails_with_advice_that_works(
+    client, worker, env, tmp_path
+):
+    """An API whose DATA_DIR holds no dataset (Docker's: the data volume is the workers') cannot
+    check data.dataset, so the worker finds it missing. Its message says how to prepare it; done
+    as said, the same dataset trains, on the worker the failure left ready."""
+    with redis.Redis.from_url(env["REDIS_URL"]) as connection:
+        blind = TrainJobs(
+            connection, Settings(queue_name=env["QUEUE_NAME"], data_dir=tmp_path / "elsewhere")
+        )
+        spec = {**tiny_spec("no-data-run"), "data": {"dataset": "later-data"}}
+        job_id = blind.submit(TrainJobSpec.model_validate(spec)).job.id
+    broken = wait_for_job(client, job_id, state_is("failed", "finished"), JOB_TIMEOUT_S)
+    assert broken["state"] == "failed"
+    message = broken["message"]
+    assert "later-data" in message and "not prepared" in message
+    advice = re.search(r"`(slm prepare [^`]*)`", message)
+    assert advice is not None, message
+    command = shlex.split(advice[1])
+    assert command[command.index("--out") + 1] == str(Path(env["DATA_DIR"]) / "later-data")
+    command[command.index("--source") + 1] = str(write_stories(tmp_path / "stories.txt"))
+    subprocess.run([SLM, *command[1:], "--quiet"], check=True, timeout=120)
+
+    again = tiny_spec("after-failure-run", max_steps=3, eval_interval=3)
+    job = submit(client, {**again, "data": spec["data"]})
     job = wait_for_job(client, job["id"], state_is("finished", "failed"), JOB_TIMEOUT_S)
     assert job["state"] == "finished", job["message"]
 
@@ -220,11 +259,7 @@ def story_url(tmp_path: Path) -> Iterator[str]:
     """A text file of stories, <|endoftext|> between them, served on 127.0.0.1."""
     served = tmp_path / "served"
     served.mkdir()
-    stories = [
-        f"Story {i}. Mia saw {i % 7} red birds in the park, and Tom laughed. They went home."
-        for i in range(3000)
-    ]
-    (served / "stories.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories))
+    write_stories(served / "stories.txt")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=served)
     handler.log_message = lambda *args: None  # type: ignore[method-assign]
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -250,6 +285,33 @@ def test_a_url_source_is_prepared_into_data_dir_then_trained(client, worker, env
 
 
 # --- the API's answers --------------------------------------------------------------------
+
+
+def test_a_dataset_not_prepared_is_refused_at_submit_naming_those_that_are(client):
+    spec = {**tiny_spec("nope-run"), "data": {"dataset": "nope"}}
+    response = client.post("/train-jobs", json=spec)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "data.dataset" and error["code"] == "dataset_not_prepared"
+    message = error["message"]
+    assert "'nope'" in message and "stories" in message  # what is missing, and what is there
+    assert "`slm prepare --source SOURCE --out " in message and "data.source" in message
+    listed = client.get("/train-jobs", params={"limit": 100}).json()["jobs"]
+    assert "nope-run" not in [job["run_name"] for job in listed]  # nothing queued
+
+
+def test_datasets_lists_the_prepared_datasets_in_data_dir(client, env):
+    data_dir = Path(env["DATA_DIR"])
+    (data_dir / "half-prepared").mkdir(exist_ok=True)  # no manifest yet: not listed
+    response = client.get("/datasets")
+    assert response.status_code == 200
+    listed = {dataset["name"]: dataset for dataset in response.json()["datasets"]}
+    assert "stories" in listed and "half-prepared" not in listed
+    manifest = json.loads((data_dir / "stories" / "manifest.json").read_text())
+    splits = manifest["splits"]
+    assert listed["stories"]["tokens"] == {name: split["tokens"] for name, split in splits.items()}
+    assert listed["stories"]["stories"]["train"] == splits["train"]["stories"]
+    assert listed["stories"]["source"] == manifest["source"]
 
 
 def test_the_list_is_newest_first_and_paginated(client):
@@ -324,6 +386,7 @@ def test_the_api_key_is_required(api):
     with api.client(timeout=10) as anonymous:
         assert anonymous.get("/train-jobs").status_code == 401
         assert anonymous.post("/train-jobs", json=tiny_spec("anon-run")).status_code == 401
+        assert anonymous.get("/datasets").status_code == 401
         wrong = {"Authorization": "Bearer not-the-key"}
         response = anonymous.get("/train-jobs", headers=wrong)
         assert response.status_code == 401 and response.json()["error"]["message"]

@@ -28,6 +28,7 @@ import torch
 from rq import get_current_job
 from rq.job import Job
 
+from contract.datasets import prepare_advice
 from contract.jobs import (
     CHECKPOINT_CHANNEL,
     HISTORY_LIMIT,
@@ -46,7 +47,7 @@ from contract.settings import Settings
 from contract.train import TrainProgress
 from model.checkpoint import CheckpointError, latest_checkpoint, read_meta
 from worker.callbacks import TrainCallback
-from worker.data import DataError, prepare, read_manifest
+from worker.data import MANIFEST, DataError, prepare, read_manifest
 from worker.trainer import BEST, train
 
 log = logging.getLogger("slm.worker")
@@ -214,8 +215,14 @@ def prepared_data(data: DataSpec, settings: Settings, report: ProgressReport) ->
         try:
             read_manifest(folder)
         except DataError as error:
+            # A folder with no manifest at all: say so, not read_manifest's advice, which leaves
+            # out the --source that `slm prepare` needs.
+            why = str(error) if (folder / MANIFEST).exists() else f"{folder} has no {MANIFEST}"
             raise TrainJobError(
-                f"dataset {data.dataset!r} is not prepared under DATA_DIR: {error}"
+                f"dataset {data.dataset!r} is not prepared under DATA_DIR ({settings.data_dir}): "
+                f"{why}. Prepare it with {prepare_advice(settings.data_dir, data.dataset)}, or "
+                f"submit the job with data.source (hub:v2, hub:v1 or an http(s) URL) instead of "
+                f"data.dataset, which the worker prepares first"
             ) from None
         return folder
     report.set_state("preparing", f"preparing {data.source} into DATA_DIR/{folder.name}")

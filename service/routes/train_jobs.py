@@ -21,6 +21,7 @@ from contract.broker import connect
 from contract.jobs import JobSummary, LossHistory, TrainJobSpec
 from contract.settings import Settings
 from contract.store import (
+    DatasetNotPrepared,
     JobNotActive,
     JobNotFound,
     JobNotResumable,
@@ -40,6 +41,7 @@ STORE_ERRORS: dict[type[JobStoreError], tuple[int, str | None, str]] = {
     RunInUse: (409, "run_name", "run_in_use"),
     JobNotActive: (409, None, "job_not_active"),
     JobNotResumable: (409, None, "job_not_resumable"),
+    DatasetNotPrepared: (422, "data.dataset", "dataset_not_prepared"),
 }
 
 # Every route may answer: no key (401), Redis down or unset (503), a bad parameter (422).
@@ -173,7 +175,9 @@ def _location(record: TrainJobRecord) -> str:
 )
 @store_errors_answered
 def create_train_job(spec: TrainJobSpec, jobs: Jobs, response: Response) -> TrainJob:
-    """Queue a training job; 409 if an active job already trains this run_name."""
+    """Queue a training job; 409 if an active job already trains this run_name, 422 if
+    data.dataset names a dataset that is not prepared under DATA_DIR (GET /datasets lists them;
+    checked where the API sees DATA_DIR's datasets)."""
     record = jobs.submit(spec)
     response.headers["Location"] = _location(record)
     return job_detail(record)
