@@ -48,6 +48,12 @@ class TrainConfig(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, le=10**13, description="train for this many tokens instead of max_steps"
     )
+    lr_decay_steps: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="steps the warm-up and cosine span (default: all); past them, min_lr",
+    )
     weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW decay, ≥2-D weights")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW β2")

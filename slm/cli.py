@@ -523,12 +523,22 @@ def _train(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in TrainConfig.model_fields}
     given = {name: value for name, value in given.items() if value is not None}
     if args.resume is not None:
+        length = {name: given.pop(name) for name in ("max_steps", "max_tokens") if name in given}
         if given or args.data or args.out or args.init_from:
-            raise ValueError("--resume RUN_DIR takes no other options: the run keeps its own")
+            raise ValueError(
+                "--resume RUN_DIR takes no other options than --max-steps or --max-tokens "
+                "(to train it longer): the run keeps its own"
+            )
         if not has_state(args.resume):
             raise ValueError(f"{args.resume} holds no training state to resume")
         state = load_state(args.resume)
-        config, data_dir, run_dir = TrainConfig(**state.config), Path(state.data_dir), args.resume
+        if length:  # the new length replaces the old, whichever way it was given
+            length = {"max_steps": None, "max_tokens": None, **length}
+        try:
+            config = TrainConfig(**{**state.config, **length})
+        except ValidationError as error:
+            raise ValueError(describe_error(error)) from None
+        data_dir, run_dir = Path(state.data_dir), args.resume
     else:
         if args.data is None or args.out is None:
             raise ValueError("--data DATA_DIR and --out RUN_DIR are required (or --resume)")

@@ -334,3 +334,20 @@ def test_two_gloo_processes_stay_in_sync_and_only_rank_0_writes(train_data, tmp_
     # near-zero gradients; other windows would move weights by ~lr (3e-3).
     single = train(config.model_copy(update={"batch_size": 4}), train_data, tmp_path / "single")
     assert_close(weights(tmp_path / "ddp"), weights(single.last_checkpoint), atol=1e-4)
+
+
+def test_a_finished_run_trains_longer_at_min_lr_keeping_its_schedule(train_data, tmp_path) -> None:
+    config = tiny(max_steps=4, warmup_steps=1)
+    run = tmp_path / "run"
+    train(config, train_data, run)
+    longer = Recorder()
+    result = train(config.model_copy(update={"max_steps": 7}), train_data, run, callbacks=[longer])
+    assert result.status == "finished" and result.step == 7
+    assert [p.step for p in longer.seen] == [5, 6, 7]
+    assert [p.lr for p in longer.seen] == pytest.approx([config.min_lr] * 3)  # the cosine ended
+    state = json.loads((run / STATE_JSON).read_text())
+    assert state["config"]["lr_decay_steps"] == 4 and state["config"]["max_steps"] == 7
+    with pytest.raises(TrainError, match="at step 7: to extend it, ask for more steps"):
+        train(config.model_copy(update={"max_steps": 6}), train_data, run)
+    with pytest.raises(TrainError, match=r"other settings \(lr, max_steps\)"):
+        train(config.model_copy(update={"max_steps": 9, "lr": 1e-2}), train_data, run)

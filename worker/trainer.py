@@ -50,6 +50,8 @@ from worker.history import RunHistory, read_history
 from worker.state import TrainState, has_state, load_state, save_state
 
 BEST = "best"
+# The settings a resumed run may change: how long it trains (its schedule stays, see _extend).
+RUN_LENGTH = {"max_steps", "max_tokens"}
 # Dense bf16/fp16 peak FLOP/s per GPU, for MFU; GPUs not listed get no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -74,12 +76,14 @@ class TrainError(ValueError):
 
 def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based): linear warm-up to ``lr`` over
-    ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    ``warmup_steps``, then cosine decay to ``min_lr`` at ``lr_decay_steps`` (default
+    ``max_steps``), then ``min_lr``."""
+    decay_steps = config.lr_decay_steps or max_steps
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    if step >= max_steps:
+    if step >= decay_steps:
         return config.min_lr
-    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
@@ -178,7 +182,7 @@ class Trainer:
         or new weights from the seed; also fixes the window length (``block_size``)."""
         weights = init_from
         if resumed is not None:
-            self._check_resumable(resumed)
+            extended = self._check_resumable(resumed)
             weights = self.run_dir / f"{resumed.checkpoint}.json"
             init_from = Path(resumed.init_from) if resumed.init_from else None
         self.init_from = init_from
@@ -190,7 +194,23 @@ class Trainer:
                 f"block_size {self.block_size} exceeds the {model.config.block_size} "
                 f"positions of the checkpoint {weights}"
             )
+        if resumed is not None and extended:
+            self._extend(resumed)
         return model
+
+    def _extend(self, state: TrainState) -> None:
+        """A resumed run given more steps (max_steps or max_tokens) keeps its learning-rate
+        schedule: the cosine still ends where it was planned to, and the steps past it run at
+        min_lr; a later resume of the same run keeps that."""
+        saved = TrainConfig(**{**TrainConfig().model_dump(), **state.config})
+        planned = saved.lr_decay_steps or saved.total_steps(self.block_size, self.world_size)
+        self.config = self.config.model_copy(update={"lr_decay_steps": planned})
+        total = self.config.total_steps(self.block_size, self.world_size)
+        if total <= state.step:
+            raise TrainError(
+                f"{self.run_dir} is at step {state.step}: to extend it, ask for more steps "
+                f"than that (now {total})"
+            )
 
     def _loaded_model(self, path: Path) -> GPT:
         loaded, meta = load_checkpoint(path)
@@ -240,15 +260,22 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return forward, DistributedDataParallel(forward, device_ids=device_ids)
 
-    def _check_resumable(self, state: TrainState) -> None:
+    def _check_resumable(self, state: TrainState) -> bool:
+        """Refuse a resume that would not continue the same run; True when it extends the run
+        (only its length changed)."""
         # A setting added since the run started is missing from its state: it ran with the default.
         saved = {**TrainConfig().model_dump(), **state.config}
+        if self.config.lr_decay_steps is None and saved["lr_decay_steps"] is not None:
+            # A run extended before keeps the schedule it was given then (see _extend).
+            self.config = self.config.model_copy(update={"lr_decay_steps": saved["lr_decay_steps"]})
         given = self.config.model_dump()
-        changed = sorted(k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k))
-        if changed:
+        changed = {k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k)}
+        extended = bool(changed) and changed <= RUN_LENGTH
+        if changed and not extended:
             raise TrainError(
-                f"{self.run_dir} holds a run started with other settings ({', '.join(changed)}); "
-                f"resume it with its own settings (`slm train --resume {self.run_dir}`) or "
+                f"{self.run_dir} holds a run started with other settings "
+                f"({', '.join(sorted(changed))}); resume it with its own settings (`slm train "
+                f"--resume {self.run_dir}`, which may raise --max-steps or --max-tokens) or "
                 f"train into a new folder"
             )
         if state.world_size != self.world_size:
@@ -256,6 +283,7 @@ class Trainer:
                 f"{self.run_dir} was trained by {state.world_size} processes; resume it with "
                 f"the same number for an exact continuation (now {self.world_size})"
             )
+        return extended
 
     def _restore(self, state: TrainState) -> None:
         self.optimizer.load_state_dict(state.optimizer)
