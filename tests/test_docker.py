@@ -136,10 +136,10 @@ def test_worker_mounts_checkpoints_and_data_read_write(config):
     assert worker[DATA_DIR] == ("data", "rw")
 
 
-def test_api_mounts_the_same_checkpoints_read_only(config):
+def test_api_mounts_the_same_checkpoints_and_data_read_only(config):
     api = mounts(config["services"]["api"])
     assert api[CHECKPOINT_DIR] == ("checkpoints", "ro")
-    assert DATA_DIR not in api
+    assert api[DATA_DIR] == ("data", "ro")  # GET /datasets; a job's dataset checked at submit
 
 
 def test_api_publishes_port_8000_configurable_from_the_host(config):

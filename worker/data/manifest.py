@@ -85,7 +85,7 @@ def read_manifest(data_dir: Path) -> Manifest:
     if not path.is_file():
         raise DataError(
             f"{path} does not exist: {data_dir} is not a prepared data folder, or its "
-            f"preparation did not finish; run `slm prepare --out {data_dir}`"
+            f"preparation did not finish; run `slm prepare --source SOURCE --out {data_dir}`"
         )
     try:
         manifest = Manifest.from_dict(json.loads(path.read_bytes()))
