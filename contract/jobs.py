@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from contract.train import TrainConfig, TrainProgress
 
 # Names a user gives (runs, datasets): letters, digits and '-', never a path.
 NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$"
+NAME_RULE = (
+    "letters, digits and '-', at most 64 characters, starting and ending with a letter or digit"
+)
 SOURCE_PATTERN = r"^(hub:v1|hub:v2|https?://[^\s]+)$"
 
 # Caps on a job beyond TrainConfig's own bounds, so one request cannot ask for a machine's worth.
@@ -54,15 +67,32 @@ def run_key(queue: str, run: str) -> str:
     return f"slm:train-jobs:{queue}:run:{run}"
 
 
+def _name_rule(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
+    """A name that does not match NAME_PATTERN is refused with NAME_RULE, a sentence, rather than
+    the regular expression."""
+    try:
+        return handler(value)
+    except ValidationError as error:
+        if any(item["type"] == "string_pattern_mismatch" for item in error.errors()):
+            raise PydanticCustomError(
+                "name_pattern",
+                "must be {rule}, not {value}",
+                {"rule": NAME_RULE, "value": repr(value)},
+            ) from None
+        raise
+
+
+# A run or dataset name: the JSON schema keeps NAME_PATTERN, a refusal says NAME_RULE.
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN), WrapValidator(_name_rule)]
+
+
 class DataSpec(BaseModel):
     """Where a job's tokens come from: a dataset already prepared under DATA_DIR (by name), or a
     source the worker prepares first (the TinyStories files on the hub, or an http(s) URL)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: str | None = Field(
-        None, pattern=NAME_PATTERN, description="a prepared dataset: DATA_DIR/<dataset>"
-    )
+    dataset: Name | None = Field(None, description="a prepared dataset: DATA_DIR/<dataset>")
     source: str | None = Field(
         None,
         pattern=SOURCE_PATTERN,
@@ -93,12 +123,11 @@ class TrainJobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run_name: str = Field(pattern=NAME_PATTERN, description="letters, digits and '-'")
+    run_name: Name = Field(description=NAME_RULE)
     data: DataSpec
     train: TrainConfig = Field(default_factory=TrainConfig)
-    init_from_run: str | None = Field(
+    init_from_run: Name | None = Field(
         None,
-        pattern=NAME_PATTERN,
         description="fine-tune: start from the best (else latest) checkpoint of this run",
     )
 

@@ -233,7 +233,9 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
 
     client = httpx.Client(base_url=stack.base_url, timeout=30)
     if ready_version(client) is None:  # run alone: give the page a model to write with
-        client.post("/train-jobs", json={**JOB, "run_name": "page-model"})
+        # (a short job, so that the worker is free for the page's own job soon)
+        train = {**JOB["train"], "max_steps": 50}
+        client.post("/train-jobs", json={**JOB, "run_name": "page-model", "train": train})
         wait_for(lambda: ready_version(client), 120, "a model to load")
 
     with sync_playwright() as playwright:
@@ -304,6 +306,21 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             assert drawn > 500, "the loss chart drew nothing"
             page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
             assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+            # A phone, touch only: a tap on a job in the list opens it (nothing lies over the
+            # list), and at 360 and 390 px nothing scrolls sideways, with the API key's field
+            # open and the job's chart shown.
+            phone = browser.new_context(
+                viewport={"width": 360, "height": 740}, has_touch=True, is_mobile=True
+            )
+            mobile = phone.new_page()
+            mobile.goto(stack.base_url + "/")
+            mobile.locator("details.key summary").tap()
+            mobile.locator("#jobs button", has_text="browser").tap(timeout=10_000)
+            expect(mobile.locator("#job-status")).to_contain_text("finished", timeout=10_000)
+            for width in (360, 390):
+                mobile.set_viewport_size({"width": width, "height": 740})
+                assert_no_sideways_scroll(mobile, width)
         finally:
             browser.close()
 
@@ -371,8 +388,77 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             )
             assert scrolled <= shown, f"the page is {scrolled} px wide in a {shown} px window"
             replay_a_seed(page, "run-b")
+            check_the_name_fields(page, stack.base_url)
+
+            # A phone, touch only, 360 px wide, and the newest run has the longest name a run
+            # may have, in one word: the page wraps it, and nothing scrolls sideways.
+            long_run = "Storyteller" * 5 + "Wordsmith"
+            write_checkpoint(stack.checkpoint_dir / long_run, seed=3)
+            phone = browser.new_context(
+                viewport={"width": 360, "height": 740}, has_touch=True, is_mobile=True
+            )
+            mobile = phone.new_page()
+            mobile.goto(stack.base_url + "/")
+            expect(mobile.locator("#model-status")).to_contain_text(long_run, timeout=20_000)
+            mobile.locator("details.key summary").tap()
+            expect(mobile.get_by_label("Run", exact=True)).to_be_visible()
+            for width in (360, 390):
+                mobile.set_viewport_size({"width": width, "height": 740})
+                assert_no_sideways_scroll(mobile, width)
         finally:
             browser.close()
+
+
+def assert_no_sideways_scroll(page, width: int) -> None:
+    """At ``width`` px the page fits the window (a phone's browser would otherwise zoom out, so
+    innerWidth grows with the page)."""
+    scrolled, window = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+    assert scrolled <= window == width, f"the page is {scrolled} px wide in a {width} px window"
+
+
+def check_the_name_fields(page, base_url: str) -> None:
+    """The run-name and dataset fields check themselves in the browser (with patterns Chromium
+    compiles) and say the rule; the server's refusal says it too, not a regular expression."""
+    from playwright.sync_api import expect
+
+    rule = "letters, digits and '-', at most 64 characters, starting and ending with a letter"
+    run_name = page.get_by_label("Run name")
+    dataset = page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL")
+    # Chromium shows the title under its "Please match the requested format."
+    mismatch = "(input) => [input.validity.patternMismatch, input.title]"
+    for field, value, valid in (
+        (run_name, "my-run-2", True),
+        (run_name, "7", True),
+        (run_name, "-bad", False),
+        (run_name, "a/b", False),
+        (run_name, "bad-", False),
+        (dataset, "stories", True),
+        (dataset, "hub:v2", True),
+        (dataset, "https://example.com/stories.txt", True),
+        (dataset, "../etc", False),
+    ):
+        field.fill(value)
+        refused, message = field.evaluate(mismatch)
+        assert refused is not valid, (value, refused, message)
+        if not valid:
+            assert rule in message.lower(), message
+    dataset.fill("stories")
+    run_name.fill("-bad")
+    sent = []
+    page.on("request", lambda request: sent.append(request.url))
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_timeout(300)
+    assert not [url for url in sent if url.endswith("/train-jobs")], sent
+    expect(page.locator("#train-error")).to_be_empty()
+    run_name.fill("playground")
+
+    spec = {**JOB, "run_name": "-bad"}
+    for body, field in ((spec, "run_name"), ({**JOB, "data": {"dataset": "../x"}}, "data.dataset")):
+        response = httpx.post(base_url + "/train-jobs", json=body, timeout=30)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == field and f"{field}: must be {rule}" in error["message"], error
+        assert "[A-Za-z" not in error["message"], error
 
 
 def replay_a_seed(page, run: str) -> None:
