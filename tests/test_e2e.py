@@ -290,9 +290,32 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL").fill("stories")
             page.get_by_label("Steps").fill("60")
             page.get_by_label("Eval every").fill("10")
+            page.evaluate(
+                """() => {
+                    window.jobStatuses = [];
+                    const status = document.getElementById("job-status");
+                    new MutationObserver(() => window.jobStatuses.push(status.textContent))
+                        .observe(status, {childList: true, characterData: true, subtree: true});
+                }"""
+            )
             page.get_by_role("button", name="Start training").click()
             expect(page.locator("#job-status")).to_contain_text("step", timeout=15_000)
+            # The list follows the server without a reload: training, stopped, resumed.
+            jobs = page.locator("#jobs")
+            expect(jobs).to_contain_text("browser — training", timeout=90_000)
+            # While it trains the panel says how fast and how long is left.
+            expect(page.locator("#job-status")).to_contain_text("tokens/s", timeout=30_000)
+            expect(page.locator("#job-status")).to_contain_text(" left")
+            page.get_by_role("button", name="Stop job").click()
+            expect(page.locator("#job-status")).to_contain_text("stopped", timeout=60_000)
+            expect(jobs).to_contain_text("browser — stopped", timeout=5_000)
+            page.get_by_role("button", name="Resume job").click()
+            expect(jobs).not_to_contain_text("browser — stopped", timeout=5_000)
             expect(page.locator("#job-status")).to_contain_text("finished", timeout=120_000)
+            expect(jobs).to_contain_text("browser — finished", timeout=5_000)
+            statuses = page.evaluate("window.jobStatuses")
+            assert not [text for text in statuses if "?" in text], statuses
+            check_the_loss_chart(page)
             drawn = page.evaluate(
                 """() => {
                     const canvas = document.getElementById("loss-chart");
@@ -414,6 +437,46 @@ def assert_no_sideways_scroll(page, width: int) -> None:
     innerWidth grows with the page)."""
     scrolled, window = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
     assert scrolled <= window == width, f"the page is {scrolled} px wide in a {width} px window"
+
+
+def check_the_loss_chart(page) -> None:
+    """The loss axis is labelled at round values between its ends, and a series of one point
+    (the first evaluation) shows as a dot."""
+    drawn = page.evaluate(
+        """() => {
+            const canvas = document.createElement("canvas");
+            canvas.width = 640;
+            canvas.height = 280;
+            const context = canvas.getContext("2d");
+            const labels = [];
+            const fillText = context.fillText;
+            context.fillText = (text, x, y) => {
+                labels.push([String(text), x]);
+                fillText.call(context, text, x, y);
+            };
+            drawLosses(canvas, [
+                {step: 0, train_loss: 10.8},
+                {step: 10, train_loss: 9.1, val_loss: 9.4},
+                {step: 20, train_loss: 8.2},
+            ]);
+            const val = getComputedStyle(document.documentElement).getPropertyValue("--val");
+            context.fillStyle = val.trim();
+            context.fillRect(0, 0, 1, 1);  // the val colour as the canvas stores it
+            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            let valInk = -1;  // less the reference pixel
+            for (let i = 0; i < pixels.length; i += 4) {
+                if (pixels[i] === pixels[0] && pixels[i + 1] === pixels[1]
+                    && pixels[i + 2] === pixels[2] && pixels[i + 3] === 255) valInk++;
+            }
+            return {labels, valInk};
+        }"""
+    )
+    # The loss labels are the numbers left of the plot (which starts 48 px in).
+    losses = {
+        float(text) for text, x in drawn["labels"] if x < 48 and re.fullmatch(r"[\d.]+", text)
+    }
+    assert len(losses) >= 4, drawn["labels"]
+    assert drawn["valInk"] >= 20, drawn
 
 
 def check_the_name_fields(page, base_url: str) -> None:

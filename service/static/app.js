@@ -183,6 +183,10 @@ async function generate(event) {
 
 let watchedJob = null;
 let watchTimer = null;
+let jobsTimer = null; // the next poll of the job list, while a listed job is active
+let listedJobs = ""; // what the list shows, so that it is rebuilt only when that changed
+
+const ACTIVE_STATES = ["queued", "preparing", "training"];
 
 function jobRequest(form) {
   const fields = new FormData(form);
@@ -225,23 +229,75 @@ async function submitJob(event) {
   watch(job.id);
 }
 
+// The job list follows the server: polled every second while any listed job is queued,
+// preparing or training, and after each submit, stop and resume.
 async function refreshJobs() {
-  const response = await fetch("/train-jobs?limit=10", { headers: authHeaders() });
-  if (!response.ok) {
-    $("train-error").textContent = await errorMessage(response);
-    return;
+  clearTimeout(jobsTimer);
+  let jobs;
+  try {
+    const response = await fetch("/train-jobs?limit=10", { headers: authHeaders() });
+    if (!response.ok) {
+      $("train-error").textContent = await errorMessage(response);
+      return;
+    }
+    jobs = (await response.json()).jobs;
+  } catch {
+    return; // the status line already says the service does not answer
   }
-  const list = $("jobs");
-  list.replaceChildren();
-  for (const job of (await response.json()).jobs) {
-    const item = document.createElement("li");
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = `${job.run_name} — ${job.state}`;
-    button.addEventListener("click", () => watch(job.id));
-    item.append(button);
-    list.append(item);
+  const shown = JSON.stringify(jobs.map((job) => [job.id, job.run_name, job.state]));
+  if (shown !== listedJobs) {
+    listedJobs = shown;
+    const list = $("jobs");
+    list.replaceChildren();
+    for (const job of jobs) {
+      const item = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = `${job.run_name} — ${job.state}`;
+      button.addEventListener("click", () => watch(job.id));
+      item.append(button);
+      list.append(item);
+    }
   }
+  clearTimeout(jobsTimer); // another refresh may have finished meanwhile: one timer only
+  if (jobs.some((job) => ACTIVE_STATES.includes(job.state))) {
+    jobsTimer = setTimeout(refreshJobs, 1000);
+  }
+}
+
+// "12 s", "3 min 5 s", "2 h 10 min".
+function duration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+// One line for a job: its state, where it is, how fast and how long is left, its losses.
+function describeJob(job) {
+  const parts = [job.state];
+  const active = ACTIVE_STATES.includes(job.state);
+  const started = job.step > 0 || !["queued", "preparing"].includes(job.state);
+  if (started && job.max_steps) {
+    parts[0] += `: step ${job.step} of ${job.max_steps}`;
+  } else if (started) {
+    parts[0] += `: step ${job.step}`;
+  } else {
+    // Not started yet: the steps it will train, as asked (the worker works them out later).
+    const planned = job.max_steps ?? job.spec?.train?.max_steps;
+    if (planned) parts[0] += `: ${planned} steps to train`;
+  }
+  if (active && job.tokens_per_s) {
+    parts.push(`${Math.round(job.tokens_per_s).toLocaleString("en")} tokens/s`);
+  }
+  if (active && job.eta_s != null) parts.push(`about ${duration(job.eta_s)} left`);
+  const losses = [
+    job.train_loss != null ? `train ${job.train_loss.toFixed(3)}` : null,
+    job.val_loss != null ? `val ${job.val_loss.toFixed(3)}` : null,
+  ].filter(Boolean);
+  if (losses.length) parts.push(`loss ${losses.join(", ")}`);
+  if (job.message) parts.push(job.message);
+  return parts.join(" — ");
 }
 
 function watch(jobId) {
@@ -263,17 +319,12 @@ async function pollJob() {
   }
   const job = await response.json();
   $("job-title").textContent = `Job ${job.run_name}`;
-  const losses = [
-    job.train_loss != null ? `train ${job.train_loss.toFixed(3)}` : null,
-    job.val_loss != null ? `val ${job.val_loss.toFixed(3)}` : null,
-  ].filter(Boolean);
-  $("job-status").textContent =
-    `${job.state}: step ${job.step} of ${job.max_steps ?? "?"}` +
-    (losses.length ? ` — loss ${losses.join(", ")}` : "") +
-    (job.message ? ` — ${job.message}` : "");
-  $("job-progress").value = job.max_steps ? job.step / job.max_steps : 0;
+  $("job-status").textContent = describeJob(job);
+  // Indeterminate (no value) until the job knows its steps.
+  if (job.max_steps) $("job-progress").value = job.step / job.max_steps;
+  else $("job-progress").removeAttribute("value");
   drawLosses($("loss-chart"), job.history);
-  const active = ["queued", "preparing", "training"].includes(job.state);
+  const active = ACTIVE_STATES.includes(job.state);
   $("job-stop").disabled = !active;
   $("job-resume").disabled = !["stopped", "failed", "abandoned"].includes(job.state);
   if (active) {
@@ -292,9 +343,18 @@ async function jobAction(method, suffix) {
   });
   if (!response.ok) $("train-error").textContent = await errorMessage(response);
   watch(watchedJob);
+  refreshJobs(); // the list shows the job's new state (and follows it while it is active)
 }
 
-// Train and val loss against step, on one scale, with the axes labelled.
+// Round steps for axis ticks: 1, 2 or 5 times a power of ten, about `count` of them over `span`.
+function tickStep(span, count) {
+  const raw = span / count;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= raw) ?? raw;
+}
+
+// Train and val loss against step, on one scale, with the axes labelled at round values; a
+// series with a single point (the first evaluation) shows as a dot.
 function drawLosses(canvas, history) {
   const context = canvas.getContext("2d");
   const { width, height } = canvas;
@@ -303,35 +363,71 @@ function drawLosses(canvas, history) {
   const points = history.flatMap((p) => [p.train_loss, p.val_loss]).filter((v) => v != null);
   if (!points.length) return;
   const maxStep = Math.max(1, ...history.map((p) => p.step));
-  const low = Math.min(...points);
-  const high = Math.max(...points);
-  const span = high - low || 1;
+  let low = Math.min(...points);
+  let high = Math.max(...points);
+  if (high - low < 1e-6) {
+    low -= 0.5;
+    high += 0.5;
+  }
+  const lossTick = tickStep(high - low, 4);
+  low = Math.floor(low / lossTick) * lossTick;
+  high = Math.ceil(high / lossTick) * lossTick;
+  const span = high - low;
   const x = (step) => pad.left + (step / maxStep) * (width - pad.left - pad.right);
   const y = (loss) => pad.top + ((high - loss) / span) * (height - pad.top - pad.bottom);
   const style = getComputedStyle(document.documentElement);
+  const color = (name) => style.getPropertyValue(name).trim();
+  const decimals = Math.max(0, -Math.floor(Math.log10(lossTick)));
 
-  context.strokeStyle = "#999";
-  context.fillStyle = "#555";
   context.font = "12px system-ui";
+  context.lineWidth = 1;
+  // Horizontal grid lines and loss labels.
+  context.textAlign = "right";
+  context.textBaseline = "middle";
+  for (let loss = low; loss <= high + lossTick / 2; loss += lossTick) {
+    context.strokeStyle = color("--grid");
+    context.beginPath();
+    context.moveTo(pad.left, y(loss));
+    context.lineTo(width - pad.right, y(loss));
+    context.stroke();
+    context.fillStyle = color("--muted");
+    context.fillText(loss.toFixed(decimals), pad.left - 6, y(loss));
+  }
+  // Step labels along the bottom.
+  const stepTick = Math.max(1, tickStep(maxStep, 5));
+  context.textAlign = "center";
+  context.textBaseline = "top";
+  for (let step = 0; step <= maxStep; step += stepTick) {
+    context.fillText(String(step), x(step), height - pad.bottom + 6);
+  }
+  context.textAlign = "right";
+  context.textBaseline = "alphabetic";
+  context.fillText("step", width - pad.right, height - pad.bottom - 4);
+  context.strokeStyle = color("--muted");
   context.beginPath();
   context.moveTo(pad.left, pad.top);
   context.lineTo(pad.left, height - pad.bottom);
   context.lineTo(width - pad.right, height - pad.bottom);
   context.stroke();
-  context.fillText(high.toFixed(2), 4, pad.top + 8);
-  context.fillText(low.toFixed(2), 4, height - pad.bottom);
-  context.fillText(`step ${maxStep}`, width - pad.right - 60, height - 8);
 
-  for (const [key, color] of [
-    ["train_loss", style.getPropertyValue("--accent")],
-    ["val_loss", style.getPropertyValue("--val")],
+  for (const [key, name] of [
+    ["train_loss", "--accent"],
+    ["val_loss", "--val"],
   ]) {
     const series = history.filter((p) => p[key] != null);
-    context.strokeStyle = color.trim();
+    context.strokeStyle = context.fillStyle = color(name);
     context.lineWidth = 2;
     context.beginPath();
     series.forEach((p, i) => (i ? context.lineTo : context.moveTo).call(context, x(p.step), y(p[key])));
     context.stroke();
+    // Val points are few (one per evaluation): each is marked, so the first one shows at all.
+    if (key === "val_loss" || series.length === 1) {
+      for (const p of series) {
+        context.beginPath();
+        context.arc(x(p.step), y(p[key]), 3.5, 0, 2 * Math.PI);
+        context.fill();
+      }
+    }
   }
 }
 
