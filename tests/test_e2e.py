@@ -302,7 +302,7 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             expect(page.locator("#job-status")).to_contain_text("step", timeout=15_000)
             # The list follows the server without a reload: training, stopped, resumed.
             jobs = page.locator("#jobs")
-            expect(jobs).to_contain_text("browser — training", timeout=90_000)
+            expect(jobs).to_contain_text("browser — training", timeout=150_000)
             # While it trains the panel says how fast and how long is left.
             expect(page.locator("#job-status")).to_contain_text("tokens/s", timeout=30_000)
             expect(page.locator("#job-status")).to_contain_text(" left")
@@ -412,6 +412,7 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             assert scrolled <= shown, f"the page is {scrolled} px wide in a {shown} px window"
             replay_a_seed(page, "run-b")
             check_the_name_fields(page, stack.base_url)
+            check_the_colour_schemes(browser, stack.base_url)
 
             # A phone, touch only, 360 px wide, and the newest run has the longest name a run
             # may have, in one word: the page wraps it, and nothing scrolls sideways.
@@ -477,6 +478,32 @@ def check_the_loss_chart(page) -> None:
     }
     assert len(losses) >= 4, drawn["labels"]
     assert drawn["valInk"] >= 20, drawn
+
+
+def check_the_colour_schemes(browser, base_url: str) -> None:
+    """The page follows the system's colour scheme: dark ink on a light ground, or in dark mode
+    light ink on a dark ground, its panels and fields too."""
+
+    def luminance(colour: str) -> float:
+        red, green, blue = (int(part) for part in re.findall(r"\d+", colour)[:3])
+        return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+    for scheme, width in (("light", 1280), ("dark", 1280), ("dark", 390)):
+        context = browser.new_context(color_scheme=scheme, viewport={"width": width, "height": 844})
+        page = context.new_page()
+        page.goto(base_url + "/")
+        colours = page.evaluate(
+            """() => ["body", ".story", "textarea", "canvas"].map((selector) => {
+                const style = getComputedStyle(document.querySelector(selector));
+                return [selector, style.backgroundColor, style.color];
+            })"""
+        )
+        for selector, background, ink in colours:
+            if scheme == "dark":
+                assert luminance(background) < 0.25 < 0.6 < luminance(ink), (selector, colours)
+            else:
+                assert luminance(background) > 0.8 > 0.3 > luminance(ink), (selector, colours)
+        context.close()
 
 
 def check_the_name_fields(page, base_url: str) -> None:
