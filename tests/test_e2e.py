@@ -393,6 +393,7 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             expect(info).to_contain_text(f"model {version_b},", timeout=30_000)
             expect(page.locator("#story-text")).not_to_be_empty()
             replay_a_seed(page, "run-b")
+            check_the_story_history(page)
 
             # A run deleted since the picker listed it: the server's 404 message is shown, and
             # the picker drops it (back to the newest run).
@@ -478,6 +479,54 @@ def check_the_loss_chart(page) -> None:
     }
     assert len(losses) >= 4, drawn["labels"]
     assert drawn["valInk"] >= 20, drawn
+
+
+def check_the_story_history(page) -> None:
+    """The stories written in this browser are kept across a reload: one can be copied, or
+    written again with the same settings (the same story, its seed given), and the whole list
+    downloaded as text or JSON, or cleared."""
+    from playwright.sync_api import expect
+
+    history = page.locator("#history li")
+    written = history.count()
+    assert written >= 3, written  # the picked run's story and the replay's two
+    newest = (
+        page.locator("#story-prompt").text_content() + page.locator("#story-text").text_content()
+    )
+    page.reload()
+    expect(history).to_have_count(written)
+    expect(history.first).to_contain_text(newest[-20:])
+    expect(page.get_by_label("Run", exact=True).locator("option[value='run-b']")).to_have_count(1)
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    history.first.get_by_role("button", name="Copy").click()
+    expect(page.locator("#history-note")).to_have_text("Copied the story.")
+    assert page.evaluate("navigator.clipboard.readText()") == newest
+
+    kept = page.evaluate("JSON.parse(localStorage.getItem('slm-stories'))[0]")
+    assert kept["request"]["model"] == "run-b" and "seed" in kept["request"], kept
+    with page.expect_request(lambda request: request.url.endswith("/generate")) as sent:
+        history.first.get_by_role("button", name="Write again").click()
+    body = sent.value.post_data_json
+    assert {name: body.get(name) for name in kept["request"]} == kept["request"], body
+    expect(history).to_have_count(written + 1, timeout=30_000)
+    again = page.evaluate("JSON.parse(localStorage.getItem('slm-stories'))[0]")
+    assert (again["text"], again["seed"]) == (kept["text"], kept["seed"])
+
+    with page.expect_download() as as_text:
+        page.get_by_role("button", name="Download text").click()
+    assert newest in Path(as_text.value.path()).read_text()
+    with page.expect_download() as as_json:
+        page.get_by_role("button", name="Download JSON").click()
+    stories = json.loads(Path(as_json.value.path()).read_text())
+    assert len(stories) == written + 1 and stories[0]["prompt"] + stories[0]["text"] == newest
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Clear").click()
+    expect(history).to_have_count(0)
+    page.reload()
+    expect(history).to_have_count(0)
+    page.get_by_label("Seed", exact=True).fill("")
 
 
 def check_the_colour_schemes(browser, base_url: str) -> None:

@@ -159,6 +159,7 @@ async function generate(event) {
       if (name === "token") {
         $("story-text").textContent += data.text;
       } else if (name === "done") {
+        remember(request, $("story-text").textContent, data);
         const rate = data.timings.tokens_per_s;
         $("story-info").textContent =
           `${data.usage.completion_tokens} tokens, ended by ${data.finish_reason}; ` +
@@ -177,6 +178,140 @@ async function generate(event) {
     $("generate").disabled = false;
     $("stop").disabled = true;
   }
+}
+
+// --- the stories written in this browser -----------------------------------------------------
+
+// Kept in localStorage, newest first: each with the request as sent (its settings), so it can
+// be copied, written again with the same settings, downloaded, or cleared.
+const HISTORY_KEY = "slm-stories";
+const HISTORY_LIMIT = 100;
+
+function loadHistory() {
+  try {
+    const stories = JSON.parse(localStorage.getItem(HISTORY_KEY) ?? "[]");
+    return Array.isArray(stories) ? stories : [];
+  } catch {
+    return [];
+  }
+}
+
+function saveHistory(stories) {
+  try {
+    localStorage.setItem(HISTORY_KEY, JSON.stringify(stories.slice(0, HISTORY_LIMIT)));
+  } catch {
+    $("history-note").textContent = "This browser would not keep the story (storage is full).";
+  }
+  showHistory();
+}
+
+function remember(request, text, done) {
+  const { stream, ...settings } = request;
+  saveHistory([
+    {
+      written_at: new Date().toISOString(),
+      prompt: request.prompt,
+      text,
+      model: done.model,
+      seed: done.seed,
+      finish_reason: done.finish_reason,
+      completion_tokens: done.usage.completion_tokens,
+      request: settings,
+    },
+    ...loadHistory(),
+  ]);
+}
+
+function storyText(story) {
+  return story.prompt + story.text;
+}
+
+function showHistory() {
+  const stories = loadHistory();
+  $("history-note").textContent = stories.length
+    ? `${stories.length} ${stories.length === 1 ? "story" : "stories"}, newest first, kept in this browser only.`
+    : "None yet: each story you write is kept here, in this browser only.";
+  for (const id of ["history-text", "history-json", "history-clear"]) $(id).disabled = !stories.length;
+  $("history").replaceChildren(
+    ...stories.map((story) => {
+      const item = document.createElement("li");
+      const text = document.createElement("p");
+      text.className = "text";
+      const prompt = document.createElement("b");
+      prompt.textContent = story.prompt;
+      text.append(prompt, story.text);
+      const info = document.createElement("p");
+      info.className = "info";
+      info.textContent = `${new Date(story.written_at).toLocaleString()} — model ${story.model}, seed ${story.seed}`;
+      const buttons = document.createElement("div");
+      buttons.className = "buttons";
+      const copy = document.createElement("button");
+      copy.type = "button";
+      copy.textContent = "Copy";
+      copy.addEventListener("click", () => copyStory(story));
+      const again = document.createElement("button");
+      again.type = "button";
+      again.textContent = "Write again";
+      again.title = "Write a story with the same settings (and the same seed, if one was given)";
+      again.addEventListener("click", () => writeAgain(story));
+      buttons.append(copy, again);
+      item.append(text, info, buttons);
+      return item;
+    }),
+  );
+}
+
+async function copyStory(story) {
+  try {
+    await navigator.clipboard.writeText(storyText(story));
+    $("history-note").textContent = "Copied the story.";
+  } catch {
+    $("history-note").textContent = "This browser did not allow copying; select the text instead.";
+  }
+}
+
+// The form takes the story's settings as they were sent, then writes.
+function writeAgain(story) {
+  const form = $("generate-form");
+  const request = story.request ?? {};
+  form.elements.prompt.value = story.prompt;
+  for (const name of [...SAMPLING_INPUTS, "seed"]) {
+    form.elements[name].value = request[name] ?? "";
+  }
+  const select = $("model");
+  select.value = [...select.options].some((option) => option.value === request.model)
+    ? request.model
+    : "";
+  form.requestSubmit();
+}
+
+function download(name, type, content) {
+  const url = URL.createObjectURL(new Blob([content], { type }));
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+function downloadHistory(format) {
+  const stories = loadHistory();
+  if (format === "json") {
+    download("slm-stories.json", "application/json", `${JSON.stringify(stories, null, 2)}\n`);
+  } else {
+    const text = stories
+      .map((story) => `${storyText(story)}\n\n(${story.written_at}, model ${story.model}, seed ${story.seed})`)
+      .join("\n\n* * *\n\n");
+    download("slm-stories.txt", "text/plain", `${text}\n`);
+  }
+}
+
+function clearHistory() {
+  if (!window.confirm("Forget every story written in this browser?")) return;
+  localStorage.removeItem(HISTORY_KEY);
+  showHistory();
 }
 
 // --- training -------------------------------------------------------------------------------
@@ -448,6 +583,10 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("stop").addEventListener("click", () => running?.abort());
+  $("history-text").addEventListener("click", () => downloadHistory("text"));
+  $("history-json").addEventListener("click", () => downloadHistory("json"));
+  $("history-clear").addEventListener("click", clearHistory);
+  showHistory();
   $("train-form").addEventListener("submit", submitJob);
   $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
   $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
