@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import PRESETS, GPTConfig, preset
+from model.sampling import MAX_SEED
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -78,7 +79,9 @@ class TrainConfig(BaseModel):
         "auto", description="auto: bfloat16 on GPUs with it, float16 on older GPUs, CPU float32"
     )
     compile: bool = Field(False, description="torch.compile the model")
-    seed: int = Field(1337, ge=0, le=2**63 - 1, description="seed for weights and batches")
+    seed: int = Field(
+        1337, ge=0, le=MAX_SEED, description="seed for weights and batches (JSON-safe: < 2^53)"
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N"
     )

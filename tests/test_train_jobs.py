@@ -167,6 +167,8 @@ def test_sigterm_on_the_worker_stops_its_job_at_a_checkpoint_and_exits(client, e
     job = client.get(f"/train-jobs/{job['id']}").json()
     assert job["state"] == "stopped" and 3 <= job["step"] < 5000
     assert job["last_checkpoint"] == f"sigterm-run/step-{job['step']:08d}"
+    # RQ logs "Job OK" for any job that returns; the worker's own line says it stopped.
+    assert f"job {job['id']} stopped at step {job['step']}; resume" in worker.output()
 
 
 def test_a_queued_job_can_be_cancelled_and_never_runs(client, env, tmp_path):

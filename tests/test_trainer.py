@@ -128,6 +128,12 @@ def test_schedule_advances_per_optimizer_step_not_per_micro_batch(train_data, tm
     assert [p.lr for p in recorder.seen] == pytest.approx([lr_at(s, config, 6) for s in range(6)])
 
 
+def test_a_training_seed_stays_within_javascripts_exact_integers() -> None:
+    assert tiny(seed=2**53 - 1).seed == 2**53 - 1  # a JSON client sends it unrounded
+    with pytest.raises(ValueError, match="seed"):
+        tiny(seed=2**53)
+
+
 def test_min_lr_above_peak_is_refused() -> None:
     with pytest.raises(ValueError, match=r"min_lr \(0.01\) must not exceed lr \(0.001\)"):
         tiny(lr=1e-3, min_lr=1e-2)

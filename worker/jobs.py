@@ -293,6 +293,8 @@ def train_job(spec_json: str) -> dict[str, Any]:
         best = "none" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
         message = f"finished at step {result.step}; best val loss {best}"
     report.set_state(result.status, message)
+    # RQ's own line says "Job OK" for any job that returns, a stopped one too: say which it was.
+    log.info("job %s %s", job.id, message)
     return {
         "status": result.status,
         "step": result.step,
