@@ -248,6 +248,11 @@ class ModelCard(BaseModel):
     owned_by: str = "slm"
     version: str = Field(description="its latest checkpoint: <run>/<checkpoint>")
     loaded: bool = Field(description="in memory now (at most MAX_LOADED_MODELS runs are)")
+    val_loss: float | None = Field(
+        default=None,
+        description="its latest checkpoint's val loss, from the checkpoint's metadata (null when "
+        "the checkpoint recorded none)",
+    )
 
 
 class ModelList(BaseModel):

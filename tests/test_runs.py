@@ -169,3 +169,23 @@ def test_an_api_server_without_checkpoints_lists_no_models(tmp_path) -> None:
         response = client.post("/v1/completions", json={"prompt": "Hi"}, headers=AUTH)
         assert response.status_code == 503
         assert "slm train" in response.json()["error"]["message"]
+
+
+def test_the_model_list_carries_each_runs_val_loss(tmp_path) -> None:
+    """Each card has its latest checkpoint's val loss, from the checkpoint's metadata; null when
+    the checkpoint recorded none."""
+    from weights import sharp_model
+
+    from model import preset
+    from model.checkpoint import save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root / "run-a", seed=0)  # no val loss
+    model = sharp_model(preset("tiny"), seed=1)
+    save_checkpoint(root / "run-b", model, step=1, val_loss=3.5)
+    save_checkpoint(root / "run-b", model, step=2, val_loss=2.25)  # the latest counts
+    with serve(root, tmp_path) as server, server.client() as client:
+        listed = models(client)
+        assert listed["run-a"]["val_loss"] is None
+        assert listed["run-b"]["val_loss"] == 2.25
+        assert listed["run-b"]["version"].endswith("step-00000002")

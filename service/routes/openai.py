@@ -12,11 +12,13 @@ OpenAI's: data-only events each holding a chunk, a choice's last with its ``fini
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +26,8 @@ from fastapi.types import DecoratedCallable
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from contract.settings import Settings
+from model.checkpoint import CheckpointError, read_meta
 from model.generate import FinishReason, TokenLogprob
 from model.sampling import derive_seed, resolve_seed
 from model.tokenizer import Tokenizer, get_tokenizer
@@ -78,7 +82,14 @@ def openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
 
 
 @router.get("/models")
-async def models(reloader: Annotated[Reloader, Depends(reloader_of)]) -> ModelList:
+async def models(
+    reloader: Annotated[Reloader, Depends(reloader_of)],
+    settings: Annotated[Settings, Depends(settings_of)],
+) -> ModelList:
+    runs = await reloader.runs()
+    losses = await asyncio.to_thread(
+        lambda: [_val_loss(settings.checkpoint_dir, run.version) for run in runs]
+    )
     return ModelList(
         data=[
             ModelCard(
@@ -86,10 +97,21 @@ async def models(reloader: Annotated[Reloader, Depends(reloader_of)]) -> ModelLi
                 created=int(run.created_at.timestamp()),
                 version=run.version,
                 loaded=run.loaded,
+                val_loss=loss,
             )
-            for run in await reloader.runs()
+            for run, loss in zip(runs, losses, strict=True)
         ]
     )
+
+
+def _val_loss(root: Path, version: str) -> float | None:
+    """The val loss a checkpoint's metadata records (``version``: ``<run>/<checkpoint>``), or None
+    when it has none or cannot be read (rewritten or deleted since it was listed)."""
+    run, _, checkpoint = version.partition("/")
+    try:
+        return read_meta(root / run / f"{checkpoint}.json").val_loss
+    except (CheckpointError, OSError, ValueError):
+        return None
 
 
 def _answers(
