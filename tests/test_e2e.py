@@ -23,7 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 from servers import REPO, free_port, metric, sse_events, wait_for, write_checkpoint
+from weights import sharp_model
 
+from model import preset
+from model.checkpoint import save_checkpoint
 from service.schemas import GenerateRequest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -287,6 +290,7 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             )
 
             page.get_by_label("Run name").fill("browser")
+            check_the_data_field(page, client)
             page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL").fill("stories")
             page.get_by_label("Steps").fill("60")
             page.get_by_label("Eval every").fill("10")
@@ -344,6 +348,8 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             for width in (360, 390):
                 mobile.set_viewport_size({"width": width, "height": 740})
                 assert_no_sideways_scroll(mobile, width)
+            check_the_data_field(mobile, client)  # at 390 px
+            assert_no_sideways_scroll(mobile, 390)
         finally:
             browser.close()
 
@@ -355,10 +361,17 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
     # run-a saves last, so it is the newest run: run-b writes only if the request names it.
     # run-gone is listed, then deleted before anyone asked for it. It is saved aside and moved
     # in last, so it is never the newest run (which the service would load at once).
+    # run-val's checkpoint recorded a val loss, which the picker shows; it is moved in like
+    # run-gone, so it is not the newest run either.
     write_checkpoint(tmp_path / "run-gone", seed=2)
+    save_checkpoint(
+        tmp_path / "run-val", sharp_model(preset("tiny"), seed=4), step=7, val_loss=2.3456
+    )
     version_b = write_checkpoint(stack.checkpoint_dir / "run-b", seed=1)
     version_a = write_checkpoint(stack.checkpoint_dir / "run-a", seed=0)
     shutil.move(tmp_path / "run-gone", stack.checkpoint_dir / "run-gone")
+    shutil.move(tmp_path / "run-val", stack.checkpoint_dir / "run-val")
+    val_run = "option[value='run-val']"
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
@@ -372,6 +385,8 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
                     f"{run} ({checkpoint})"
                 )
             expect(picker).to_have_value("")  # "Newest run": the request names no model
+            # A run whose latest checkpoint has a val loss shows it next to its name.
+            expect(picker.locator(val_run)).to_have_text("run-val (step-00000007) — val loss 2.346")
             # The sampling inputs start at POST /generate's defaults: one set, the API's.
             fields = GenerateRequest.model_fields
             expect(page.get_by_label("Temperature")).not_to_have_value("")
@@ -407,6 +422,7 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             # A phone: the picker is there and nothing scrolls sideways.
             page.set_viewport_size({"width": 390, "height": 844})
             expect(picker).to_be_visible()
+            expect(picker.locator(val_run)).to_have_text("run-val (step-00000007) — val loss 2.346")
             scrolled, shown = page.locator("html").evaluate(
                 "(root) => [root.scrollWidth, root.clientWidth]"
             )
@@ -439,6 +455,61 @@ def assert_no_sideways_scroll(page, width: int) -> None:
     innerWidth grows with the page)."""
     scrolled, window = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
     assert scrolled <= window == width, f"the page is {scrolled} px wide in a {width} px window"
+
+
+def check_the_data_field(page, client: httpx.Client) -> None:
+    """The data field starts at a prepared dataset, offers the server's prepared datasets with
+    their size and the hub's TinyStories, and says what each will train on (hub:v2: a download
+    of about 2.2 GB, tokenized by the worker first); a job that failed for its data says so in
+    the page's terms, not the command line's (no --source)."""
+    from playwright.sync_api import expect
+
+    field = page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL")
+    note = page.locator("#dataset-note")
+    listed = client.get("/datasets").json()["datasets"]
+    assert [dataset["name"] for dataset in listed] == ["stories"], listed
+    tokens = sum(listed[0]["tokens"].values())
+    expect(field).to_have_value("stories")  # not hub:v2, which needs the hub
+    options = page.locator("#datasets option")
+    expect(options.first).to_have_attribute("value", "stories")
+    label = options.first.get_attribute("label")
+    shown = re.fullmatch(r"stories — ([\d.]+)([kMB]?) tokens", label)
+    assert shown, label
+    scale = {"": 1, "k": 1e3, "M": 1e6, "B": 1e9}[shown[2]]
+    assert abs(float(shown[1]) * scale - tokens) <= 0.05 * scale, (label, tokens)
+    expect(page.locator("#datasets option[value='hub:v2']")).to_have_count(1)
+    expect(note).to_contain_text("Prepared on the server")
+    expect(field).to_have_attribute("aria-describedby", "dataset-note")
+
+    field.fill("hub:v2")
+    expect(note).to_contain_text("TinyStories v2")
+    expect(note).to_contain_text("Hugging Face hub")
+    expect(note).to_contain_text("2.2 GB")
+    expect(note).to_contain_text("tokenizes before training")
+    field.fill("no-such-data")
+    expect(note).to_contain_text("No prepared dataset 'no-such-data'")
+    field.fill("stories")
+    expect(note).to_contain_text("Prepared on the server")
+
+    for message, said in (
+        (
+            "cannot fetch TinyStoriesV2-GPT4-train.txt from the Hugging Face hub "
+            "(roneneldan/TinyStories): offline — without the hub, pass --source a local file "
+            "or folder, or an http(s) URL",
+            "could not download TinyStoriesV2-GPT4-train.txt from the Hugging Face hub",
+        ),
+        (
+            "dataset 'gone' is not prepared under DATA_DIR (/data): /data/gone has no "
+            "manifest.json. Prepare it with `slm prepare --source SOURCE --out /data/gone`, or "
+            "submit the job with data.source (hub:v2, hub:v1 or an http(s) URL) instead of "
+            "data.dataset, which the worker prepares first",
+            "the dataset 'gone' is not prepared on the server",
+        ),
+    ):
+        job = {"state": "failed", "step": 0, "run_name": "x", "message": message}
+        text = page.evaluate("(job) => describeJob(job)", job)
+        assert said in text and "--source" not in text and "slm prepare" not in text, text
+        assert "Data field" in text, text
 
 
 def check_the_loss_chart(page) -> None:

@@ -60,7 +60,11 @@ async function refreshRuns() {
     const checkpoint = card.version.startsWith(`${card.id}/`)
       ? card.version.slice(card.id.length + 1)
       : card.version;
-    option.textContent = `${card.id} (${checkpoint})`;
+    // The latest checkpoint's val loss, when it recorded one: runs compare at a glance.
+    option.textContent =
+      card.val_loss != null
+        ? `${card.id} (${checkpoint}) — val loss ${card.val_loss.toFixed(3)}`
+        : `${card.id} (${checkpoint})`;
     option.title = card.version;
     return option;
   });
@@ -314,6 +318,105 @@ function clearHistory() {
   showHistory();
 }
 
+// --- datasets -------------------------------------------------------------------------------
+
+// The data field offers the datasets prepared under the server's DATA_DIR (GET /datasets), with
+// their size, and the hub's TinyStories, which the worker downloads and tokenizes first. It
+// starts at a prepared dataset when there is one (hub:v2 needs the hub, and takes long).
+let preparedDatasets = []; // as GET /datasets lists them
+let datasetsListed = null; // null until GET /datasets answered; else why it did not, or ""
+
+const HUB_SOURCES = {
+  "hub:v2":
+    "TinyStories v2 (GPT-4 stories) from the Hugging Face hub: about 2.2 GB of text, which the " +
+    "worker downloads and tokenizes before training starts (a while; the worker needs the hub).",
+  "hub:v1":
+    "TinyStories v1 from the Hugging Face hub: about 1.9 GB of text, which the worker downloads " +
+    "and tokenizes before training starts (a while; the worker needs the hub).",
+};
+
+// 1234 → "1.2k", 1_000_000 → "1.0M".
+function count(n) {
+  if (n < 1000) return String(n);
+  if (n < 1e6) return `${(n / 1e3).toFixed(1)}k`;
+  if (n < 1e9) return `${(n / 1e6).toFixed(1)}M`;
+  return `${(n / 1e9).toFixed(1)}B`;
+}
+
+const total = (splits) => Object.values(splits ?? {}).reduce((sum, n) => sum + n, 0);
+
+function datasetLabel(dataset) {
+  return `${dataset.name} — ${count(total(dataset.tokens))} tokens`;
+}
+
+// What the data field's value will train on, said under it.
+function describeData() {
+  const value = $("train-form").elements.dataset.value.trim();
+  const dataset = preparedDatasets.find((d) => d.name === value);
+  let note;
+  if (dataset) {
+    const splits = Object.entries(dataset.tokens)
+      .map(([split, n]) => `${split} ${count(n)}`)
+      .join(", ");
+    note =
+      `Prepared on the server: ${count(total(dataset.tokens))} tokens (${splits}), ` +
+      `${count(total(dataset.stories))} stories, from ${dataset.source}.`;
+  } else if (HUB_SOURCES[value]) {
+    note = HUB_SOURCES[value];
+  } else if (/^https?:\/\//.test(value)) {
+    note = "A text file the worker downloads and tokenizes before training starts.";
+  } else if (datasetsListed === null) {
+    note = "";
+  } else if (datasetsListed) {
+    note = `Prepared datasets not listed: ${datasetsListed}`;
+  } else if (value) {
+    note = preparedDatasets.length
+      ? `No prepared dataset '${value}' is listed; the server has ${preparedDatasets.map((d) => d.name).join(", ")}.`
+      : `No prepared dataset '${value}' is listed: the server has none yet.`;
+  }
+  if (!dataset && datasetsListed === "" && !preparedDatasets.length && HUB_SOURCES[value]) {
+    note += " No dataset is prepared on the server yet.";
+  }
+  $("dataset-note").textContent = note ?? "";
+}
+
+async function refreshDatasets() {
+  try {
+    const response = await fetch("/datasets", { headers: authHeaders() });
+    if (!response.ok) {
+      datasetsListed = await errorMessage(response);
+      describeData();
+      return;
+    }
+    preparedDatasets = (await response.json()).datasets;
+    datasetsListed = "";
+  } catch {
+    return; // the status line already says the service does not answer
+  }
+  const options = [
+    ...preparedDatasets.map((dataset) => {
+      const option = document.createElement("option");
+      option.value = dataset.name;
+      option.label = datasetLabel(dataset);
+      return option;
+    }),
+    ...Object.keys(HUB_SOURCES).map((source) => {
+      const option = document.createElement("option");
+      option.value = source;
+      option.label = `${source} — TinyStories ${source.slice(4)}, downloaded first`;
+      return option;
+    }),
+  ];
+  $("datasets").replaceChildren(...options);
+  // Untouched, the field moves from hub:v2 to the newest prepared dataset.
+  const field = $("train-form").elements.dataset;
+  if (field.value === field.defaultValue && preparedDatasets.length) {
+    const newest = preparedDatasets.reduce((a, b) => (b.created_at > a.created_at ? b : a));
+    field.value = newest.name;
+  }
+  describeData();
+}
+
 // --- training -------------------------------------------------------------------------------
 
 let watchedJob = null;
@@ -408,6 +511,32 @@ function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
+// A job's message as the page says it: a job that failed for its data says so in the page's terms
+// (the worker's messages name `slm prepare` and its --source, which are for the command line).
+function jobMessage(job) {
+  const message = job.message;
+  if (job.state !== "failed") return message;
+  const fix = "Pick a prepared dataset in the Data field, or give an http(s) URL of a text file.";
+  const hub = message.match(
+    /cannot fetch (\S+) from the Hugging Face hub \(([^)]*)\): (.*?)( — without the hub|$)/s,
+  );
+  if (hub) {
+    return `the worker could not download ${hub[1]} from the Hugging Face hub (${hub[2]}): ${hub[3]}. ${fix}`;
+  }
+  if (/hub sources need huggingface_hub/.test(message)) {
+    return `the worker cannot download from the Hugging Face hub (it lacks huggingface_hub). ${fix}`;
+  }
+  const missing = message.match(/dataset '([^']*)' is not prepared under DATA_DIR/);
+  if (missing) {
+    return (
+      `the dataset '${missing[1]}' is not prepared on the server. Pick one the Data field lists, ` +
+      "or hub:v2 or an http(s) URL, which the worker downloads and prepares first."
+    );
+  }
+  // Any other data error: the command-line advice is left out.
+  return message.replace(/[;,]? *(—|or) *(without the hub, )?pass --source [^.]*/, "").trim();
+}
+
 // One line for a job: its state, where it is, how fast and how long is left, its losses.
 function describeJob(job) {
   const parts = [job.state];
@@ -431,7 +560,7 @@ function describeJob(job) {
     job.val_loss != null ? `val ${job.val_loss.toFixed(3)}` : null,
   ].filter(Boolean);
   if (losses.length) parts.push(`loss ${losses.join(", ")}`);
-  if (job.message) parts.push(job.message);
+  if (job.message) parts.push(jobMessage(job));
   return parts.join(" — ");
 }
 
@@ -468,6 +597,7 @@ async function pollJob() {
     refreshModel();
     refreshRuns();
     refreshJobs();
+    refreshDatasets(); // a job given data.source leaves a prepared dataset behind
   }
 }
 
@@ -574,6 +704,7 @@ document.addEventListener("DOMContentLoaded", () => {
     localStorage.setItem("slm-api-key", $("api-key").value.trim());
     refreshRuns();
     refreshJobs();
+    refreshDatasets();
   });
   $("generate-form").addEventListener("submit", generate);
   $("prompt").addEventListener("keydown", (event) => {
@@ -588,12 +719,14 @@ document.addEventListener("DOMContentLoaded", () => {
   $("history-clear").addEventListener("click", clearHistory);
   showHistory();
   $("train-form").addEventListener("submit", submitJob);
+  $("train-form").elements.dataset.addEventListener("input", describeData);
   $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
   $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
   loadSamplingDefaults();
   refreshModel();
   refreshRuns();
   refreshJobs();
+  refreshDatasets();
   setInterval(() => {
     refreshModel();
     refreshRuns();
