@@ -2,37 +2,87 @@
 train job naming one that is not there before it waits in the queue only to fail.
 
 A prepared dataset is a folder ``DATA_DIR/<name>`` holding a ``manifest.json``, which ``slm
-prepare`` writes last (``worker.data.manifest`` defines the format and reads it for training).
-This module reads only what a listing shows (the source, and tokens and stories per split); it
-leaves checking the format and the token files to the worker, which refuses anything it cannot
-train on. It must not import ``worker``, which the API never does.
+prepare`` writes last. Its fields (``Manifest``) are defined here, where the worker that writes it
+and the API that lists it both find them; ``worker.data.manifest`` adds the token files' layout
+and the checks training needs (format version, tokenizer, file sizes), and refuses anything it
+cannot train on. The API reads only what a listing shows.
 
-The API may run where the workers' DATA_DIR is not (Docker mounts the data volume only into the
-workers): a DATA_DIR with no prepared dataset in it tells nothing, so a job is refused only when
-this DATA_DIR holds prepared datasets and not the one it names.
+The API may run where the workers' DATA_DIR is not (a deployment that does not share the data
+volume with it): a DATA_DIR with no prepared dataset in it tells nothing, so a job is refused only
+when this DATA_DIR holds prepared datasets and not the one it names.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
 
 from contract.jobs import NAME_PATTERN
 
-MANIFEST = "manifest.json"  # as worker.data.manifest.MANIFEST
+MANIFEST = "manifest.json"
 PREPARE_SOURCES = "hub:v2, hub:v1, a folder or file of stories, or an http(s) URL"
 _NAMES_SHOWN = 20
 
 
 @dataclass(frozen=True)
-class PreparedDataset:
-    name: str  # what a job's data.dataset names
-    source: str  # what it was prepared from, as `slm prepare --source` was given it
-    tokens: dict[str, int]  # per split: train, val
-    stories: dict[str, int]
+class SourceFile:
+    """One input text file, and the split its stories went to ("train", "val" or "both")."""
+
+    name: str
+    split: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    file: str
+    tokens: int
+    stories: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: written last by ``slm prepare``, read by training and by the API."""
+
+    format_version: int
+    tokenizer: str
+    eot_id: int
+    dtype: str
+    source: str  # as the user named it; identity lies in ``sources``
+    val_fraction: float | None  # None unless a source file was split story by story
+    sources: tuple[SourceFile, ...]
+    splits: dict[str, SplitInfo]
     created_at: str
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            **{
+                **data,
+                "sources": tuple(SourceFile(**item) for item in data["sources"]),
+                "splits": {name: SplitInfo(**info) for name, info in data["splits"].items()},
+            }
+        )
+
+
+class PreparedDataset(BaseModel):
+    """A prepared dataset as GET /datasets lists it."""
+
+    name: str = Field(description='what a train job names: `"data": {"dataset": NAME}`')
+    source: str = Field(description="what `slm prepare --source` prepared it from")
+    tokens: dict[str, int] = Field(description="tokens per split (train, val)")
+    stories: dict[str, int] = Field(description="stories per split")
+    created_at: str = Field(description="when its preparation finished (ISO 8601)")
 
 
 def _read(folder: Path) -> PreparedDataset | None:
@@ -41,14 +91,14 @@ def _read(folder: Path) -> PreparedDataset | None:
     if not re.fullmatch(NAME_PATTERN, folder.name):
         return None  # no job could name it
     try:
-        manifest = json.loads((folder / MANIFEST).read_bytes())
-        splits = manifest["splits"]
+        manifest = Manifest.from_dict(json.loads((folder / MANIFEST).read_bytes()))
+        splits = manifest.splits.items()
         return PreparedDataset(
             name=folder.name,
-            source=str(manifest["source"]),
-            tokens={split: int(info["tokens"]) for split, info in splits.items()},
-            stories={split: int(info["stories"]) for split, info in splits.items()},
-            created_at=str(manifest["created_at"]),
+            source=manifest.source,
+            tokens={split: info.tokens for split, info in splits},
+            stories={split: info.stories for split, info in splits},
+            created_at=manifest.created_at,
         )
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None

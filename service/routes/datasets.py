@@ -1,8 +1,8 @@
 """GET /datasets: the prepared datasets under DATA_DIR, which a train job names as data.dataset.
 
 Read from each dataset's manifest by ``contract.datasets`` (the API never imports ``worker``).
-An API that does not share its workers' DATA_DIR (Docker mounts the data volume only into the
-workers) lists what its own DATA_DIR holds, which may be nothing.
+An API that does not share its workers' DATA_DIR lists what its own DATA_DIR holds, which may be
+nothing (docker-compose.yml mounts the workers' data volume into the API, read-only).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from contract.datasets import prepared_datasets
+from contract.datasets import PreparedDataset, prepared_datasets
 from contract.settings import Settings
 from service.auth import require_api_key, settings_of
 from service.errors import error_responses
@@ -22,31 +22,12 @@ router = APIRouter(
 )
 
 
-class Dataset(BaseModel):
-    name: str = Field(description='what a train job names: `"data": {"dataset": NAME}`')
-    source: str = Field(description="what `slm prepare --source` prepared it from")
-    tokens: dict[str, int] = Field(description="tokens per split (train, val)")
-    stories: dict[str, int] = Field(description="stories per split")
-    created_at: str = Field(description="when its preparation finished (ISO 8601)")
-
-
 class DatasetList(BaseModel):
-    datasets: list[Dataset] = Field(description="by name")
+    datasets: list[PreparedDataset] = Field(description="by name")
 
 
 @router.get("/datasets", response_model=DatasetList)
 def list_datasets(settings: Annotated[Settings, Depends(settings_of)]) -> DatasetList:
     """Prepared datasets under DATA_DIR, from their manifests; folders still being prepared, or
     not datasets, are left out."""
-    return DatasetList(
-        datasets=[
-            Dataset(
-                name=dataset.name,
-                source=dataset.source,
-                tokens=dataset.tokens,
-                stories=dataset.stories,
-                created_at=dataset.created_at,
-            )
-            for dataset in prepared_datasets(settings.data_dir)
-        ]
-    )
+    return DatasetList(datasets=prepared_datasets(settings.data_dir))

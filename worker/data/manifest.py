@@ -1,4 +1,5 @@
-"""The prepared data folder's format, and the reader API (``read_manifest``, ``load_split``).
+"""The prepared data folder's format, and the reader API (``read_manifest``, ``load_split``);
+the manifest's own fields are in ``contract.datasets``, which the API reads too.
 
 A prepared data folder looks like this::
 
@@ -15,16 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from contract.datasets import MANIFEST, Manifest, SplitInfo
 from model.tokenizer import ENCODING_NAME
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 BOTH = "both"  # a source file whose stories are divided between train and val
 DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in 16 bits
@@ -33,50 +32,6 @@ EOT_ID = 50256
 
 class DataError(ValueError):
     """A source that cannot be prepared, or a data folder that is not (completely) prepared."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One input text file, and the split its stories went to ("train", "val" or "both")."""
-
-    name: str
-    split: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    file: str
-    tokens: int
-    stories: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    format_version: int
-    tokenizer: str
-    eot_id: int
-    dtype: str
-    source: str  # as the user named it; identity lies in ``sources``
-    val_fraction: float | None  # None unless a source file was split story by story
-    sources: tuple[SourceFile, ...]
-    splits: dict[str, SplitInfo]
-    created_at: str
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2) + "\n").encode()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        return cls(
-            **{
-                **data,
-                "sources": tuple(SourceFile(**item) for item in data["sources"]),
-                "splits": {name: SplitInfo(**info) for name, info in data["splits"].items()},
-            }
-        )
 
 
 def read_manifest(data_dir: Path) -> Manifest:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from contract.datasets import MANIFEST, Manifest, SplitInfo
 from model.atomic import atomic_write_bytes, fsync_directory
 from model.tokenizer import ENCODING_NAME, get_tokenizer
 from worker.data.encoding import DEFAULT_CHUNK_BYTES, Chunk, encode_in_order, read_chunks
@@ -26,11 +27,8 @@ from worker.data.manifest import (
     BOTH,
     EOT_ID,
     FORMAT_VERSION,
-    MANIFEST,
     SPLITS,
     DataError,
-    Manifest,
-    SplitInfo,
     finished_manifest,
 )
 from worker.data.sources import Input, describe, resolve

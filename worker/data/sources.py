@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from worker.data.manifest import BOTH, DataError, SourceFile, file_sha256
+from contract.datasets import SourceFile
+from worker.data.manifest import BOTH, DataError, file_sha256
 
 HUB_REPO = "roneneldan/TinyStories"
 HUB_FILES = {
