@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from serve import start_service  # bench/serve.py: the same `slm serve` start-up
+from serve import start_service, stop  # bench/serve.py: the same `slm serve` start-up
 
 from contract.broker import free_port
 
@@ -163,12 +162,7 @@ def main() -> None:
             base_url = f"http://127.0.0.1:{port}"
             tally, elapsed = asyncio.run(run(base_url, process.pid, args))
         finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
     first, last = tally.rss_kb.get(args.first_mark), tally.rss_kb.get(args.streams)
     growth = None if first is None or last is None else 100 * (last - first) / first

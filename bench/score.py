@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,13 @@ from pathlib import Path
 import httpx
 import torch
 from decode import VALID_FILE  # bench/decode.py: the TinyStories validation excerpt
-from serve import client_for, init_run, start_service  # bench/serve.py: the same server start-up
+from serve import (  # bench/serve.py: the same server start-up
+    client_for,
+    init_run,
+    start_service,
+    stop,
+    write_figures,
+)
 
 from contract.broker import free_port
 from model.checkpoint import load_checkpoint, newest_checkpoint
@@ -268,11 +273,9 @@ def main() -> None:
             figures = measure(args, contenders, texts)
         finally:
             for process in processes:
-                process.terminate()
-                process.wait(30)
+                stop(process)
     report(args, figures, threads)
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, **figures}, indent=2))
+    write_figures(args, figures)
 
 
 def measure(

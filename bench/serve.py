@@ -186,6 +186,24 @@ def init_run(run_dir: Path, preset: str, block_size: int) -> None:
     )
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (a server finishes its streams and exits), then SIGKILL if it is still up 30 s
+    later."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def write_figures(args: argparse.Namespace, figures: dict) -> None:
+    """The figures and the arguments that produced them, to ``--json`` when given."""
+    if args.json:
+        document = {"args": vars(args) | {"json": None}, **figures}
+        args.json.write_text(json.dumps(document, indent=2))
+
+
 def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
     """`slm serve` on ``port`` over ``checkpoints``, with ``settings`` as its environment
     variables (MAX_BATCH_SIZE="64"...), once /ready answers. No Redis and no API key: the
@@ -318,11 +336,9 @@ def main() -> None:
             figures = measure(args, servers)
         finally:
             for process in processes:
-                process.terminate()
-                process.wait(30)
+                stop(process)
     report(args, figures, threads)
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, **figures}, indent=2))
+    write_figures(args, figures)
 
 
 def export_gguf_of(checkpoints: Path, path: Path) -> Path:
