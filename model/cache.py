@@ -6,6 +6,11 @@ range of rows: one token each for a decode step, a chunk of a prompt each for a 
 prompts right-padded to the longest, so a burst of arrivals is one forward). The caller keeps
 the rows it decodes compact (``move_rows`` closes the gap a finished sequence leaves), so a
 forward reads plain slices of the cache and never gathers.
+
+A row's slots hold consecutive positions from its ``offsets`` entry on. With rotary positions a
+full row can drop its oldest entries (``drop_oldest``): the keys left keep the rotations of their
+positions, and attention only sees differences of positions, so the sequence goes on at the
+next position without re-encoding anything.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * max_batch
+        self.offsets = [0] * max_batch  # the position of each row's slot 0
 
     @property
     def max_batch(self) -> int:
@@ -61,6 +67,8 @@ class KVCache:
         start_column = torch.tensor(starts, device=device)[:, None]
         # Padding positions are clamped: their embeddings are computed and never read.
         positions = (start_column + offsets).clamp_(max=self.max_len - 1)
+        if any(self.offsets[rows]):
+            positions += torch.tensor(self.offsets[rows], device=device)[:, None]
         end = max(s + c for s, c in zip(starts, counts, strict=True))
         same_start = min(starts) == max(starts)
         if same_start and starts[0] == 0:
@@ -101,9 +109,22 @@ class KVCache:
             for cache in (self.keys, self.values):
                 cache[:, destination, :, :length] = cache[:, source, :, :length].clone()
         self.lengths[destination] = self.lengths[source]
+        self.offsets[destination] = self.offsets[source]
+
+    def drop_oldest(self, row: int, count: int) -> None:
+        """Forget the ``count`` oldest entries of ``row``; the rest move to the front and keep
+        their positions (only valid for relative positions: rotary embeddings)."""
+        if not 0 < count <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} tokens: cannot drop {count}")
+        kept = self.lengths[row] - count
+        for cache in (self.keys, self.values):
+            cache[:, row, :, :kept] = cache[:, row, :, count : count + kept].clone()
+        self.lengths[row] = kept
+        self.offsets[row] += count
 
     def clear_row(self, row: int) -> None:
         self.lengths[row] = 0
+        self.offsets[row] = 0
 
 
 def _last(counts: list[int], device: torch.device) -> slice | Tensor:

@@ -2,7 +2,7 @@
 
 A run folder looks like this::
 
-    step-00000100.safetensors   the weights (the tied lm_head.weight is stored once, as wte)
+    step-00000100.safetensors   the weights (a tied lm_head.weight is stored once, as wte)
     step-00000100.json          CheckpointMeta: config, step, losses, sha256 of the weights...
     latest.json                 {"format_version": 1, "name": "step-00000100", "created_at": ...}
 
@@ -34,7 +34,7 @@ from model.gpt import GPT
 FORMAT_VERSION = 1
 MANIFEST = "latest.json"
 WEIGHTS_SUFFIX = ".safetensors"
-# GPT ties lm_head.weight to the token embedding: it is stored under the embedding's name only.
+# A tied lm_head.weight is the token embedding: it is stored under the embedding's name only.
 TIED_NAME, STORED_NAME = "lm_head.weight", "transformer.wte.weight"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A plain file name: no folders, no "..", no hidden files, nothing a shell would trip on.
@@ -200,14 +200,16 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     started = time.time()
     name = f"step-{step:08d}" if name is None else name
+    tied = model.lm_head.weight is model.transformer.wte.weight
     _check(
-        model.lm_head.weight is model.transformer.wte.weight,
-        "lm_head.weight is no longer tied to transformer.wte.weight; it would not be saved",
+        tied == model.config.tie_embeddings,
+        f"lm_head.weight is {'' if tied else 'not '}tied to transformer.wte.weight, "
+        f"but the config says tie_embeddings={model.config.tie_embeddings}",
     )
     tensors = {
         key: value.detach().to("cpu").contiguous()
         for key, value in model.state_dict().items()
-        if key != TIED_NAME
+        if not (tied and key == TIED_NAME)
     }
     dtypes = {str(tensor.dtype).removeprefix("torch.") for tensor in tensors.values()}
     _check(
@@ -372,7 +374,9 @@ def _load(meta_path: Path, device: str | torch.device) -> tuple[GPT, CheckpointM
     # Check against a model on the meta device first: it allocates nothing however large the
     # config claims to be, so a bogus one is refused before it can exhaust memory.
     with torch.device("meta"):
-        expected = {k: v for k, v in GPT(meta.config).state_dict().items() if k != TIED_NAME}
+        expected = GPT(meta.config).state_dict()
+    if meta.config.tie_embeddings:
+        del expected[TIED_NAME]
     missing, unexpected = sorted(expected.keys() - tensors), sorted(tensors.keys() - expected)
     _check(
         not missing and not unexpected,
@@ -394,8 +398,10 @@ def _load(meta_path: Path, device: str | torch.device) -> tuple[GPT, CheckpointM
 
     with torch.device(device):
         model = GPT(meta.config).to(DTYPES[meta.dtype])
-    # Copying into the tied Parameter under both names keeps the tie GPT.__init__ made.
-    model.load_state_dict({**tensors, TIED_NAME: tensors[STORED_NAME]})
+    if meta.config.tie_embeddings:
+        # Copying into the tied Parameter under both names keeps the tie GPT.__init__ made.
+        tensors[TIED_NAME] = tensors[STORED_NAME]
+    model.load_state_dict(tensors)
     return model.eval(), meta
 
 

@@ -1,11 +1,25 @@
-"""GPTConfig: the shape of the network, and the named presets we train."""
+"""GPTConfig: the shape of the network, and the named presets we train.
+
+The defaults are GPT-2's network (learned positions, LayerNorm, GELU, tied head), so a config
+saved before the architecture options existed means what it meant then. The options are the
+changes that made small GPTs learn faster per token since 2019 (Llama's rotary positions,
+RMSNorm and SwiGLU; ReLU² and QK-norm from the modded-nanogpt speedrun; an untied head).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 GPT2_VOCAB_SIZE = 50257  # r50k_base: 50,256 BPE merges + <|endoftext|>
+ROPE_THETA = 10000.0  # Llama's (and Hugging Face's default) rotary base
+NORM_EPS = 1e-5  # LayerNorm's default, and Llama 2's RMSNorm epsilon
+VOCAB_MULTIPLE = 64  # pad_vocab rounds the output matrix up to this many rows
+
+Position = Literal["learned", "rotary"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "relu2", "swiglu"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +31,19 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+    # How positions enter: GPT-2's learned table (wpe), or rotary embeddings of the queries
+    # and keys (no table; attention sees relative positions, so generation can slide).
+    position: Position = "learned"
+    norm: Norm = "layernorm"
+    # The MLP's nonlinearity: GPT-2's tanh GELU, ReLU², or SwiGLU (a gated MLP whose hidden
+    # width is cut to 8/3 of n_embd so it holds as many weights as the 4× ones).
+    activation: Activation = "gelu"
+    # Normalise each head's queries and keys (RMSNorm over head_dim) before attention.
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    # Round the embedding/output rows up to a multiple of 64 for GPU matmuls; the extra tokens
+    # are never predicted (their logits are masked) and never exported.
+    pad_vocab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -31,22 +58,62 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be a number, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
+        for name in ("bias", "qk_norm", "tie_embeddings", "pad_vocab"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name, kind in (("position", Position), ("norm", Norm), ("activation", Activation)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(
+                    f"GPTConfig.{name} must be one of {', '.join(get_args(kind))}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ValueError(
+                f"rotary positions rotate pairs of dimensions: n_embd / n_head "
+                f"({self.n_embd} / {self.n_head} = {self.head_dim}) must be even"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 × n_embd, or for SwiGLU's three matrices 8/3 × n_embd
+        rounded up to a multiple of 64 (Llama's rule), about as many weights."""
+        if self.activation == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices."""
+        if self.pad_vocab:
+            return VOCAB_MULTIPLE * math.ceil(self.vocab_size / VOCAB_MULTIPLE)
+        return self.vocab_size
+
+    @property
+    def is_gpt2(self) -> bool:
+        """Whether this is GPT-2's own network (what GPT-2 exports can express)."""
+        return (
+            self.position == "learned"
+            and self.norm == "layernorm"
+            and self.activation == "gelu"
+            and not self.qk_norm
+            and self.tie_embeddings
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
-        """Build a config from JSON metadata, refusing unknown or missing fields."""
+        """Build a config from JSON metadata, refusing unknown fields and missing ones; an
+        option added since (it has a default that reproduces the network before it) may be
+        missing."""
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
-        missing = names - set(data)
+        missing = set(ORIGINAL_FIELDS) - set(data)
         if unknown or missing:
             raise ValueError(
                 "GPT config fields do not match: "
@@ -57,6 +124,9 @@ class GPTConfig:
     def replace(self, **overrides: Any) -> GPTConfig:
         return GPTConfig(**{**self.to_dict(), **overrides})
 
+
+# What every checkpoint's metadata has held from the start.
+ORIGINAL_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 PRESETS: dict[str, GPTConfig] = {
     # Seconds on a CPU: for tests and smoke runs. The vocabulary stays GPT-2's so that the

@@ -145,7 +145,7 @@ def windowed_loss(
     for inputs, targets in _windows(stream, window, batch_size):
         hidden = model.hidden_states(inputs)
         log_probs, _, _ = token_log_probs(
-            hidden.flatten(0, 1), model.lm_head.weight, targets.flatten()
+            hidden.flatten(0, 1), model.output_weight, targets.flatten()
         )
         nats -= log_probs.double().sum()
         n_bytes += byte_lengths[targets].sum()
@@ -279,7 +279,7 @@ def _ending_log_likelihoods(model: GPT, items: list[EndingItem]) -> Tensor:
     row_index_t = torch.tensor(row_index, device=device)
     hidden = model.hidden_states(idx)[row_index_t, torch.tensor(positions, device=device)]
     log_probs, _, _ = token_log_probs(
-        hidden, model.lm_head.weight, torch.tensor(targets, device=device)
+        hidden, model.output_weight, torch.tensor(targets, device=device)
     )
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
     sums.index_add_(0, row_index_t, log_probs.double())

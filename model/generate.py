@@ -23,8 +23,11 @@ The context window: GPT-2 learns absolute positions, so a sequence cannot grow p
 and the cache cannot simply drop its oldest entries (every cached key was computed at its old
 position). When a sequence fills the window, it keeps its newest three quarters and goes back to
 the front of the prefill queue, to be re-encoded from position 0 with whoever else is waiting
-(one prefill every block_size/4 tokens), so a story can be longer than the context. A prompt
-longer than the window keeps its last block_size tokens (``Sequence.prompt_truncated`` says so).
+(one prefill every block_size/4 tokens), so a story can be longer than the context. A model with
+rotary positions sees only differences of positions: its full window drops its oldest quarter in
+the cache itself (``KVCache.drop_oldest``) and decodes on at the next position, re-encoding
+nothing, so a long story costs the same per token as a short one. A prompt longer than the
+window keeps its last block_size tokens (``Sequence.prompt_truncated`` says so).
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ class BatchGenerator:
             # single row multiplies a transposed contiguous copy faster on a CPU (1.59 ms vs
             # 1.67 ms); from two rows on, the product with the embedding's transpose wins (a
             # decode step 5-15% faster at batch 2 to 32, BENCHMARKS.md).
-            weight = self._head_weight = model.lm_head.weight.detach()
+            weight = self._head_weight = model.output_weight.detach()
             weight_t = weight.t().contiguous()
             self._head = lambda hidden: (
                 hidden @ weight_t if hidden.shape[0] == 1 else F.linear(hidden, weight)
@@ -423,9 +426,15 @@ class BatchGenerator:
         return len(sequence.window) > self.window
 
     def _slide(self, sequence: Sequence) -> None:
-        """Keep the newest three quarters of a full window and send the sequence back to the
-        front of the prefill queue, to be re-encoded from position 0."""
+        """Keep the newest three quarters of a full window: in the cache as they are with
+        rotary positions, else by sending the sequence back to the front of the prefill queue,
+        to be re-encoded from position 0."""
         row = self.rows.index(sequence)
+        dropped = len(sequence.window) - 1 - self.keep_on_slide  # the last token is not cached
+        if self.config.position == "rotary" and dropped > 0:
+            self.cache.drop_oldest(row, dropped)
+            sequence.context_start += dropped
+            return
         last = self.decoding - 1
         if row != last:  # its cached keys are stale anyway: only the sampler state must survive
             self._move_rows(slice(last, last + 1), row)

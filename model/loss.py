@@ -27,25 +27,35 @@ VOCAB_SLICE = 4096
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = CHUNK_ROWS
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_rows: int = CHUNK_ROWS,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` (N, C) @ (C, V) against ``targets`` (N,),
     positions whose target is -1 ignored; the same numbers as ``F.cross_entropy`` on the full
     logits (NaN when every target is ignored, as there). Under autocast the matmuls run in the
-    autocast dtype and the softmax in fp32."""
+    autocast dtype and the softmax in fp32. A ``vocab_size`` below the weight's rows masks the
+    logits of the rows past it (padding): they get no probability and no gradient."""
     if hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     targets = targets.reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, vocab_size)
     with torch.no_grad():
-        return _chunked(hidden, weight, targets, chunk_rows, with_grads=False)[0]
+        return _chunked(hidden, weight, targets, chunk_rows, vocab_size, with_grads=False)[0]
 
 
 def _chunked(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, with_grads: bool
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_rows: int,
+    vocab_size: int | None,
+    with_grads: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(loss, d loss / d hidden, d loss / d weight), the gradients only ``with_grads``."""
     with torch.autocast(hidden.device.type, enabled=False):
@@ -79,6 +89,8 @@ def _chunked(
                 logits = torch.mm(h, weight.t(), out=buffer[: stop - start])
             else:
                 logits = torch.mm(h, weight.t()).to(accumulate)
+            if vocab_size is not None and vocab_size < weight.shape[0]:
+                logits[:, vocab_size:] = -math.inf
             # logsumexp by hand: max, then exp(logits − max) in place and its sum. The softmax
             # itself is never written out: its row sums 1/s fold into the small operands.
             top = logits.amax(dim=1, keepdim=True)
@@ -114,9 +126,16 @@ def _chunked(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int):
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk_rows: int,
+        vocab_size: int | None,
+    ):
         loss, grad_hidden, grad_weight = _chunked(
-            hidden, weight, targets, chunk_rows, with_grads=True
+            hidden, weight, targets, chunk_rows, vocab_size, with_grads=True
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
@@ -129,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not bool(grad_output == 1):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
             grad_weight = grad_weight * grad_output.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 @torch.inference_mode()

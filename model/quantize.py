@@ -46,8 +46,9 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: GPT) -> GPT:
     """A CPU copy of ``model`` with every linear layer, the output head included, in int8."""
     quantized = copy.deepcopy(model).float().cpu()
+    # Its own copy of the output matrix, so quantizing it leaves a tied embedding as it was.
     quantized.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
-    quantized.lm_head.weight = nn.Parameter(quantized.transformer.wte.weight.detach().clone())
+    quantized.lm_head.weight = nn.Parameter(model.output_weight.detach().float().cpu().clone())
     _replace_linears(quantized)
     return quantized.eval()
 
