@@ -432,7 +432,8 @@ class BatchGenerator:
         row = self.rows.index(sequence)
         dropped = len(sequence.window) - 1 - self.keep_on_slide  # the last token is not cached
         if self.config.position == "rotary" and dropped > 0:
-            self.cache.drop_oldest(row, dropped)
+            if self.use_cache:
+                self.cache.drop_oldest(row, dropped)
             sequence.context_start += dropped
             return
         last = self.decoding - 1

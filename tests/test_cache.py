@@ -114,3 +114,43 @@ def test_greedy_with_cache_is_token_identical_to_greedy_without(tiny_model, toke
     uncached = run_to_end(BatchGenerator(tiny_model, max_batch=3, use_cache=False), prompts, params)
     assert cached == uncached
     assert all(len(tokens) == 90 for tokens in cached)
+
+
+def test_a_rotary_row_drops_its_oldest_entries_and_decodes_on_at_the_next_position() -> None:
+    # One layer: every cached key depends on its own token and position alone, so after the
+    # drop the row must give exactly what a fresh forward of the tokens it kept gives.
+    torch.manual_seed(3)
+    config = preset("tiny", n_layer=1, position="rotary", norm="rmsnorm", activation="swiglu")
+    model = sharp_model(config)
+    tokens = torch.randint(0, 50257, (65,)).tolist()
+    cache = KVCache(config, max_batch=1)
+    with torch.no_grad():
+        model.forward_cached(torch.tensor([tokens[:64]]), cache.extend(0, [0], [64]))
+        cache.drop_oldest(0, 16)
+        assert cache.lengths == [48] and cache.offsets == [16]
+        hidden = model.forward_cached(torch.tensor([tokens[64:]]), cache.decode(1))
+    expected = full_logits(model, tokens[16:])[-1]
+    torch.testing.assert_close((hidden @ model.lm_head.weight.t())[0], expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="cannot drop 50"):
+        cache.drop_oldest(0, 50)
+
+
+def test_rotary_stories_slide_in_the_cache_without_reencoding(tokenizer) -> None:
+    # One layer again, so sliding in the cache and re-encoding the kept window agree exactly.
+    config = preset("tiny", n_layer=1, position="rotary", norm="rmsnorm", activation="swiglu")
+    model = sharp_model(config)
+    prompts = [tokenizer.encode(text) for text in ("Once upon a time", "The cat")]
+    params = [greedy(150)] * 2
+    generator = BatchGenerator(model, max_batch=2)
+    cached = run_to_end(generator, prompts, params)
+    uncached = run_to_end(BatchGenerator(model, max_batch=2, use_cache=False), prompts, params)
+    assert cached == uncached and all(len(tokens) == 150 for tokens in cached)
+    # No prefill after the prompts: the rows' windows moved in the cache (offsets > 0).
+    generator.add(prompts[0], greedy(150))
+    prefills = 0
+    while generator.rows:
+        prefills += generator.decoding == 0
+        generator.step()
+        if generator.rows:
+            assert generator.decoding == 1  # never sent back to the prefill queue
+    assert prefills == 1

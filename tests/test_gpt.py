@@ -117,3 +117,108 @@ def test_dropout_is_active_only_in_training() -> None:
     assert not torch.allclose(model(idx)[0], model(idx)[0])
     model.eval()
     torch.testing.assert_close(model(idx)[0], model(idx)[0])
+
+
+# --- architecture options -------------------------------------------------------------------
+
+LLAMA_STYLE = dict(position="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+
+
+def test_the_default_network_is_gpt2s_and_configs_saved_before_the_options_load_as_it() -> None:
+    config = GPTConfig.from_dict(
+        dict(
+            block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True
+        )
+    )
+    assert config == preset("tiny") and config.is_gpt2
+    names = set(GPT(config).state_dict())
+    assert {"transformer.wpe.weight", "transformer.h.0.ln_1.bias"} <= names
+    assert not [name for name in names if "norm" in name]
+    with pytest.raises(ValueError, match=r"unknown \['rope'\]"):
+        GPTConfig.from_dict({**config.to_dict(), "rope": True})
+    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+        GPTConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "bias"})
+
+
+def test_architecture_options_build_what_they_name() -> None:
+    config = preset("tiny", **LLAMA_STYLE, qk_norm=True, tie_embeddings=False, pad_vocab=True)
+    model = GPT(config)
+    assert not config.is_gpt2
+    assert "wpe" not in model.transformer  # rotary: no position table
+    block = model.transformer.h[0]
+    assert isinstance(block.ln_1, torch.nn.RMSNorm) and isinstance(
+        block.attn.q_norm, torch.nn.RMSNorm
+    )
+    # SwiGLU: gate and up in one matmul, 8/3 of the width rounded up to 64 (64 → 192)
+    assert config.mlp_hidden == 192 and block.mlp.c_fc.out_features == 2 * 192
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.lm_head.weight.shape[0] == 50304 == model.transformer.wte.weight.shape[0]
+    logits, _ = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 50257)  # padding rows are never predicted
+
+
+def test_swiglu_and_relu2_hold_about_as_many_weights_as_gelu() -> None:
+    sizes = {
+        activation: GPT(preset("seed", activation=activation)).num_parameters()
+        for activation in ("gelu", "relu2", "swiglu")
+    }
+    assert sizes["relu2"] == sizes["gelu"]
+    assert abs(sizes["swiglu"] - sizes["gelu"]) / sizes["gelu"] < 0.01
+
+
+def test_bad_architecture_options_are_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="position must be one of learned, rotary"):
+        GPTConfig(position="alibi")
+    with pytest.raises(ValueError, match="activation must be one of gelu, relu2, swiglu"):
+        GPTConfig(activation="tanh")
+    with pytest.raises(ValueError, match=r"must be even"):
+        GPTConfig(n_embd=6, n_head=2, position="rotary")
+    with pytest.raises(ValueError, match="qk_norm must be a bool"):
+        GPTConfig(qk_norm="yes")
+
+
+def test_rotary_attention_sees_only_differences_of_positions() -> None:
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50257, (2, 20))
+    shifted = torch.arange(20) + 1000  # far past block_size: rotary positions have no table
+    rotary = GPT(preset("tiny", **LLAMA_STYLE, qk_norm=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rotary.hidden_states(idx, shifted), rotary.hidden_states(idx), atol=1e-4, rtol=0
+        )
+    learned = GPT(preset("tiny")).eval()
+    with torch.no_grad():
+        moved = learned.hidden_states(idx, torch.arange(20) + 10)
+        assert not torch.allclose(moved, learned.hidden_states(idx), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [LLAMA_STYLE, dict(activation="relu2", qk_norm=True), dict(tie_embeddings=False)],
+    ids=["llama-style", "relu2-qk-norm", "untied"],
+)
+def test_every_option_learns_one_batch(options) -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", **options))
+    idx = torch.randint(0, 50257, (2, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 3
+
+
+def test_padded_vocabulary_is_masked_out_of_the_loss_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", pad_vocab=True))
+    idx, targets = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    _, loss = model(idx, targets)
+    hidden = model.hidden_states(idx)
+    plain = F.cross_entropy((hidden @ model.output_weight.t()).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, plain, atol=1e-5, rtol=0)
+    loss.backward()
+    assert torch.all(model.lm_head.weight.grad[50257:] == 0)
