@@ -12,14 +12,28 @@ TrainProgress is the one progress schema: the trainer hands it to its callbacks,
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import PRESETS, GPTConfig, preset
+from model.config import PRESETS, Activation, GPTConfig, Norm, Position, preset
 from model.sampling import MAX_SEED
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+# TrainConfig's overrides of the preset's network, named as in GPTConfig (None: the preset's).
+SHAPE_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "bias",
+    "position",
+    "norm",
+    "activation",
+    "qk_norm",
+    "tie_embeddings",
+    "pad_vocab",
+)
 
 
 class TrainConfig(BaseModel):
@@ -31,6 +45,45 @@ class TrainConfig(BaseModel):
         None, ge=8, le=8192, description="override the preset's positions (context length)"
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout while training")
+    # Shape and architecture: each None keeps the preset's value (see model.config.GPTConfig).
+    n_layer: int | None = Field(
+        None, ge=1, le=64, description="transformer blocks (default: the preset's)"
+    )
+    n_head: int | None = Field(
+        None, ge=1, le=64, description="attention heads per block (default: the preset's)"
+    )
+    n_embd: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="width: embedding size (a multiple of n_head) (default: the preset's)",
+    )
+    bias: bool | None = Field(
+        None, description="biases in the linear layers and norms (default: the preset's)"
+    )
+    position: Position | None = Field(
+        None,
+        description="positions: learned (GPT-2's table) or rotary (RoPE) (default: the preset's)",
+    )
+    norm: Norm | None = Field(
+        None, description="normalisation: layernorm or rmsnorm (default: the preset's)"
+    )
+    activation: Activation | None = Field(
+        None,
+        description="the MLP's nonlinearity: gelu, relu2 (ReLU²) or swiglu (default: the preset's)",
+    )
+    qk_norm: bool | None = Field(
+        None, description="normalise queries and keys per head (default: the preset's)"
+    )
+    tie_embeddings: bool | None = Field(
+        None,
+        description="the output head shares the token embedding's weights (default: the preset's)",
+    )
+    pad_vocab: bool | None = Field(
+        None,
+        description="pad the vocabulary to a multiple of 64 rows, for GPU matmuls "
+        "(default: the preset's)",
+    )
 
     # Batches: tokens per optimizer step = batch_size × block_size × grad_accum × processes.
     batch_size: int = Field(16, ge=1, le=4096, description="windows per micro-batch")
@@ -94,19 +147,29 @@ class TrainConfig(BaseModel):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is not None and self.max_tokens is not None:
             raise ValueError("give max_steps or max_tokens, not both")
-        if self.block_size is not None and self.block_size > self.model().block_size:
+        try:
+            shape = self.model()
+        except ValueError as error:  # a combination GPTConfig refuses, e.g. n_embd % n_head
+            given = ", ".join(f"{k}={v}" for k, v in self.shape_overrides().items())
+            problem = str(error).removeprefix("GPTConfig.")
+            raise ValueError(f"preset {self.preset!r} with {given}: {problem}") from None
+        if self.block_size is not None and self.block_size > shape.block_size:
             raise ValueError(
-                f"block_size {self.block_size} exceeds the model's {self.model().block_size} "
+                f"block_size {self.block_size} exceeds the model's {shape.block_size} "
                 f"positions; raise them with model_block_size"
             )
         return self
 
-    def model(self) -> GPTConfig:
-        """The network this config trains from scratch."""
-        overrides = {"dropout": self.dropout}
+    def shape_overrides(self) -> dict[str, Any]:
+        """The preset's shape and architecture settings this config changes (those given)."""
+        overrides = {name: getattr(self, name) for name in SHAPE_FIELDS}
         if self.model_block_size is not None:
             overrides["block_size"] = self.model_block_size
-        return preset(self.preset, **overrides)
+        return {name: value for name, value in overrides.items() if value is not None}
+
+    def model(self) -> GPTConfig:
+        """The network this config trains from scratch: the preset, with the overrides given."""
+        return preset(self.preset, dropout=self.dropout, **self.shape_overrides())
 
     def tokens_per_step(self, block_size: int, world_size: int = 1) -> int:
         return self.batch_size * block_size * self.grad_accum * world_size

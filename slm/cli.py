@@ -483,7 +483,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if field.default is not None:
             help_text += f" (default: {field.default})"
         annotation = field.annotation
-        if isinstance(annotation, types.UnionType):  # `int | None`
+        # `int | None` (a types.UnionType) or `Position | None` (a typing.Union: Literal's `|`)
+        if typing.get_origin(annotation) in (types.UnionType, typing.Union):
             (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
         if annotation is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -450,6 +450,87 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
             browser.close()
 
 
+@needs_chromium
+def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
+    """The Train panel's Advanced section: what is set there (1 layer, rotary positions) goes
+    into the job's spec and nothing else does (the preset decides the rest); a shape the model
+    cannot have is refused with the API's message, on a desktop and on a 390 px phone."""
+    from playwright.sync_api import expect, sync_playwright
+
+    client = httpx.Client(base_url=stack.base_url, timeout=30)
+    accepted = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            for width, run in ((1280, "shaped"), (390, "shaped-phone")):
+                context = browser.new_context(
+                    viewport={"width": width, "height": 900},
+                    has_touch=width < 480,
+                    is_mobile=width < 480,
+                )
+                page = context.new_page()
+                page.goto(stack.base_url + "/")
+                advanced = page.locator("#train-advanced")
+                layers = page.get_by_label("Layers")
+                expect(layers).to_be_hidden()  # closed until asked for
+                advanced.locator("summary").click()
+                for label in (
+                    "Layers",
+                    "Heads",
+                    "Width",
+                    "Bias",
+                    "Position encoding",
+                    "Normalisation",
+                    "MLP activation",
+                    "QK-norm",
+                    "Tied output head",
+                    "Pad vocabulary",
+                ):
+                    expect(page.get_by_label(label)).to_have_value("")
+                if width < 480:
+                    assert_no_sideways_scroll(page, width)  # the open section fits a phone
+
+                page.get_by_label("Run name").fill(run)
+                page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL").fill("stories")
+                page.get_by_label("Steps").fill("20")
+                layers.fill("1")
+                page.get_by_label("Position encoding").select_option("rotary")
+                with page.expect_response(
+                    lambda response: (
+                        response.url.endswith("/train-jobs") and response.request.method == "POST"
+                    )
+                ) as answer:
+                    page.get_by_role("button", name="Start training").click()
+                assert answer.value.status == 202, answer.value.text()
+                sent = answer.value.request.post_data_json["train"]
+                assert (sent["n_layer"], sent["position"]) == (1, "rotary"), sent
+                assert not {"n_head", "n_embd", "norm", "activation", "qk_norm"} & set(sent), sent
+                job_id = answer.value.json()["id"]
+                accepted.append(job_id)
+                expect(page.locator("#jobs")).to_contain_text(run, timeout=10_000)
+                train = job_status(client, job_id)["spec"]["train"]
+                assert (train["n_layer"], train["position"]) == (1, "rotary"), train
+                assert train["n_head"] is None and train["norm"] is None, train
+
+                # A width the heads do not divide: the API's refusal, shown in the page.
+                page.get_by_label("Run name").fill(run + "-bad")
+                page.get_by_label("Width").fill("100")
+                page.get_by_label("Heads").fill("3")
+                page.get_by_role("button", name="Start training").click()
+                expect(page.locator("#train-error")).to_contain_text(
+                    "n_embd (100) must be divisible by n_head (3)"
+                )
+                if width < 480:
+                    for narrow in (360, 390):
+                        page.set_viewport_size({"width": narrow, "height": 900})
+                        assert_no_sideways_scroll(page, narrow)
+                context.close()
+        finally:
+            browser.close()
+            for job_id in accepted:  # the worker is free for the other tests
+                client.delete(f"/train-jobs/{job_id}")
+
+
 def assert_no_sideways_scroll(page, width: int) -> None:
     """At ``width`` px the page fits the window (a phone's browser would otherwise zoom out, so
     innerWidth grows with the page)."""

@@ -361,6 +361,9 @@ def test_a_run_name_held_by_an_active_job_is_409(client):
         ({"data": {"dataset": "stories", "source": "hub:v2"}}, "data"),
         ({"init_from_run": "../other"}, "init_from_run"),
         ({"priority": 1}, "priority"),
+        ({"train": {"n_embd": 100, "n_head": 3}}, "n_embd (100) must be divisible by n_head (3)"),
+        ({"train": {"n_layer": 0}}, "train.n_layer"),
+        ({"train": {"position": "absolute"}}, "train.position"),
     ],
 )
 def test_a_bad_spec_is_422_naming_the_field(client, change, field):
@@ -370,6 +373,17 @@ def test_a_bad_spec_is_422_naming_the_field(client, change, field):
     response = client.post("/train-jobs", json=spec)
     assert response.status_code == 422, response.text
     assert field in response.json()["error"]["message"]
+
+
+def test_a_shape_override_is_accepted_and_kept_in_the_spec(client):
+    shape = {"n_layer": 1, "position": "rotary", "norm": "rmsnorm", "activation": "swiglu"}
+    job = submit(client, tiny_spec("shaped-run", **shape))
+    try:
+        train = client.get(f"/train-jobs/{job['id']}").json()["spec"]["train"]
+        assert {name: train[name] for name in shape} == shape
+        assert train["n_head"] is None and train["qk_norm"] is None  # the preset's
+    finally:
+        client.delete(f"/train-jobs/{job['id']}")
 
 
 def test_an_unknown_job_is_404(client):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from contract.train import TrainConfig, TrainProgress
+from contract.train import SHAPE_FIELDS, TrainConfig, TrainProgress
 from model.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from model.device import pick_device
 from model.evaluate import token_byte_lengths
@@ -219,6 +219,17 @@ class Trainer:
             raise TrainError(
                 f"model_block_size {wanted} cannot change the {meta.config.block_size} "
                 f"positions of the checkpoint {path}"
+            )
+        # The weights fix the network: an override may only repeat what the checkpoint has.
+        changed = [
+            f"{name} {getattr(self.config, name)} (it has {getattr(meta.config, name)})"
+            for name in SHAPE_FIELDS
+            if getattr(self.config, name) not in (None, getattr(meta.config, name))
+        ]
+        if changed:
+            raise TrainError(
+                f"fine-tuning cannot change the shape of the checkpoint {path}: "
+                f"{', '.join(changed)}; leave these settings unset"
             )
         # A fresh module with this run's dropout, holding the checkpoint's (fp32) weights.
         model = GPT(meta.config.replace(dropout=self.config.dropout))

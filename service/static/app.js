@@ -446,8 +446,28 @@ function jobRequest(form) {
       eval_interval: integer("eval_interval"),
       eval_iters: 5,
       checkpoint_interval: integer("checkpoint_interval"),
+      ...modelOverrides(fields),
     },
   };
+}
+
+// The Advanced section's shape and architecture: only what is set is sent (the preset decides
+// the rest).
+const SHAPE_NUMBERS = ["n_layer", "n_head", "n_embd"];
+const SHAPE_CHOICES = ["bias", "position", "norm", "activation", "qk_norm", "tie_embeddings",
+  "pad_vocab"];
+
+function modelOverrides(fields) {
+  const overrides = {};
+  for (const name of SHAPE_NUMBERS) {
+    const value = (fields.get(name) ?? "").trim();
+    if (value !== "") overrides[name] = Number(value);
+  }
+  for (const name of SHAPE_CHOICES) {
+    const value = fields.get(name) ?? "";
+    if (value !== "") overrides[name] = value === "true" ? true : value === "false" ? false : value;
+  }
+  return overrides;
 }
 
 async function submitJob(event) {
