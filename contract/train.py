@@ -112,6 +112,18 @@ class TrainConfig(BaseModel):
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW β2")
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="max gradient norm (0 = off)")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw, or muon: Muon for the blocks' 2-D weights (attention, MLP), AdamW "
+        "(lr, weight_decay, betas) for embeddings, head, norms and biases",
+    )
+    # Muon's own units: its update is orthogonalised and scaled by sqrt(max(1, rows/cols)) as in
+    # Keller Jordan's reference (worker.optim), whose defaults these are; both optimizers follow
+    # the one schedule, each from its own peak (muon_lr decays to muon_lr × min_lr / lr).
+    muon_lr: float = Field(0.02, gt=0.0, le=10.0, description="Muon's peak learning rate")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's (Nesterov) momentum")
+    # Muon decays by lr × weight decay per step, and its lr is ~30× AdamW's: 0.01, not 0.1.
+    muon_weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="Muon's weight decay")
 
     # Evaluation, logging and checkpoints.
     eval_interval: int = Field(200, ge=1, le=100_000_000, description="steps between evals")

@@ -29,6 +29,7 @@ from model.atomic import atomic_write_bytes
 STATE_JSON = "train-state.json"
 FORMAT_VERSION = 1
 _OPTIMIZER = "optimizer"
+_TUPLES = {"betas", "ns_coefficients"}  # optimizer settings that are tuples
 
 
 class StateError(ValueError):
@@ -124,9 +125,10 @@ def load_state(run_dir: Path) -> TrainState:
             int(index): {key: tensors[f"{_OPTIMIZER}.{index}.{key}"] for key in keys}
             for index, keys in meta["moments"].items()
         }
-        # JSON turns AdamW's betas tuple into a list; give the optimizer back what it made.
+        # JSON turns AdamW's betas and Muon's ns_coefficients tuples into lists; give the
+        # optimizer back what it made.
         groups = [
-            {**group, "betas": tuple(group["betas"])} if "betas" in group else group
+            {key: tuple(value) if key in _TUPLES else value for key, value in group.items()}
             for group in meta["param_groups"]
         ]
         return TrainState(
