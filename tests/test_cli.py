@@ -70,6 +70,27 @@ def test_exports_from_the_command_line_load_in_their_tools(tmp_path) -> None:
     assert bytes(architecture.parts[architecture.data[0]]).decode() == "gpt2"
 
 
+def test_a_llama_style_checkpoint_exports_as_llama(tmp_path) -> None:
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+
+    config = preset("tiny", position="rotary", norm="rmsnorm", activation="swiglu", bias=False)
+    save_checkpoint(tmp_path / "run", GPT(config), step=0)
+    hf = slm("export-hf", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")).__name__ == (
+        "LlamaForCausalLM"
+    )
+    exported = slm("export-gguf", str(tmp_path / "run"), str(tmp_path / "m.gguf"))
+    assert exported.returncode == 0, exported.stderr
+    architecture = gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"]
+    assert architecture.contents() == "llama"
+
+
 def test_train_writes_a_checkpoint_that_generate_loads(train_data, tmp_path) -> None:
     run = str(tmp_path / "run")
     options = ("--max-steps", "3", "--batch-size", "2", "--block-size", "16", "--eval-iters", "1")

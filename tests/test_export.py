@@ -1,5 +1,6 @@
-"""Exports: Hugging Face GPT2LMHeadModel folders and llama.cpp GGUF files, checked against our own
-model with the consumers' own readers (transformers, gguf, and llama.cpp when it is installed)."""
+"""Exports: Hugging Face GPT2LMHeadModel / LlamaForCausalLM / Qwen3ForCausalLM folders and
+llama.cpp GGUF files (gpt2, llama, qwen3), checked against our own model with the consumers' own
+readers (transformers, gguf, and llama.cpp when it is installed)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,22 @@ import pytest
 import tiktoken
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+)
 from weights import sharp_model
 
 from model import GPT, GPTConfig
+from model.config import preset
 from model.export.gguf import GGUF_TYPES, export_gguf
 from model.export.hf import EXPORT_FILES, export_hf
 from model.export.vocab import gpt2_vocab_and_merges
+from model.generate import complete
+from model.gpt import apply_rotary, rotary_tables
+from model.sampling import SamplingParams
 
 EOT = 50256
 TEXTS = [
@@ -60,13 +70,17 @@ PARITY_CONFIGS = [
     GPTConfig(block_size=24, n_layer=3, n_head=3, n_embd=48, bias=True, dropout=0.1),
     GPTConfig(block_size=16, n_layer=1, n_head=4, n_embd=32, bias=False, dropout=0.2),
     GPTConfig(block_size=40, n_layer=2, n_head=1, n_embd=40, bias=True),
+    GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, bias=True, pad_vocab=True),
 ]
 
 
 @pytest.mark.parametrize(
     "config",
     PARITY_CONFIGS,
-    ids=lambda c: f"L{c.n_layer}H{c.n_head}E{c.n_embd}T{c.block_size}-bias{int(c.bias)}",
+    ids=lambda c: (
+        f"L{c.n_layer}H{c.n_head}E{c.n_embd}T{c.block_size}-bias{int(c.bias)}"
+        + ("-padded" * c.pad_vocab)
+    ),
 )
 def test_hf_logits_match_ours(config: GPTConfig, tmp_path: Path) -> None:
     model = sharp_model(config)
@@ -88,6 +102,115 @@ def test_hf_logits_match_ours(config: GPTConfig, tmp_path: Path) -> None:
         theirs = hf(idx).logits
     error = (ours - theirs).abs().max().item()
     assert error < 1e-4, f"max |logit difference| {error:.2e}"
+
+
+def llama_style(**overrides: Any) -> GPTConfig:
+    """A tiny model with Llama's options: rotary positions, RMSNorm, SwiGLU."""
+    options = dict(position="rotary", norm="rmsnorm", activation="swiglu", block_size=32)
+    return preset("tiny", **{**options, **overrides})
+
+
+LLAMA_CONFIGS = {
+    "llama-tied": llama_style(bias=False),
+    "llama-untied-bias": llama_style(bias=True, tie_embeddings=False),
+    "llama-padded-bias": llama_style(bias=True, pad_vocab=True),
+    "qwen3-untied-padded": llama_style(
+        bias=False, qk_norm=True, tie_embeddings=False, pad_vocab=True
+    ),
+    "qwen3-tied": llama_style(bias=False, qk_norm=True, n_head=4),
+}
+
+
+def greedy_tokens(model: GPT, prompt: str, n: int) -> list[int]:
+    """Our greedy continuation (KV-cached generation), ending with <|endoftext|> if drawn."""
+    result = complete(model, prompt, SamplingParams(max_new_tokens=n, temperature=0))
+    return result.token_ids + ([EOT] if len(result.token_ids) < n else [])
+
+
+@pytest.mark.parametrize("name", LLAMA_CONFIGS)
+def test_hf_llama_logits_and_greedy_tokens_match_ours(name: str, tmp_path: Path) -> None:
+    config = LLAMA_CONFIGS[name]
+    model = sharp_model(config)
+    export_hf(model, tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(EXPORT_FILES)
+
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    hf.eval()
+    expected_class = "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected_class
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert hf.dtype == torch.float32
+    hf_config = hf.config
+    assert hf_config.vocab_size == 50257
+    assert hf_config.hidden_size == config.n_embd
+    assert hf_config.intermediate_size == config.mlp_hidden
+    assert hf_config.num_attention_heads == hf_config.num_key_value_heads == config.n_head
+    assert hf_config.head_dim == config.head_dim
+    assert hf_config.max_position_embeddings == config.block_size
+    assert hf_config.rms_norm_eps == 1e-5
+    assert hf_config.rope_parameters["rope_theta"] == 10000.0
+    assert hf_config.attention_bias == config.bias
+    assert hf_config.bos_token_id == hf_config.eos_token_id == EOT
+    assert hf_config.tie_word_embeddings == config.tie_embeddings
+    embed, head = hf.model.embed_tokens.weight, hf.lm_head.weight
+    assert embed.shape == head.shape == (50257, config.n_embd)
+    assert (embed.data_ptr() == head.data_ptr()) == config.tie_embeddings
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert ("lm_head.weight" in tensors) != config.tie_embeddings
+    assert torch.equal(
+        tensors["model.layers.0.mlp.gate_proj.weight"],
+        model.transformer.h[0].mlp.c_fc.weight[: config.mlp_hidden],
+    )
+
+    idx = torch.randint(0, config.vocab_size, (3, config.block_size))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    error = (ours - theirs).abs().max().item()
+    assert error < 1e-4, f"max |logit difference| {error:.2e}"
+
+    prompt = "Once upon a time"
+    ids = torch.tensor([tiktoken.get_encoding("r50k_base").encode(prompt)])
+    if name == "llama-tied":  # the tokenizer files are the GPT-2 export's, whatever the model
+        assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(prompt) == ids[0].tolist()
+    with torch.no_grad():
+        generated = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=EOT)
+    assert generated[0, ids.shape[1] :].tolist() == greedy_tokens(model, prompt, 6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(activation="relu2"), "activation relu2 has no Hugging Face or GGUF architecture"),
+        (
+            dict(activation="relu2", position="rotary", norm="rmsnorm"),
+            "exports need gelu (GPT-2) or swiglu (Llama)",
+        ),
+        (dict(norm="rmsnorm"), "norm rmsnorm with activation gelu"),
+        (dict(position="rotary"), "position rotary with activation gelu"),
+        (dict(tie_embeddings=False), "tie_embeddings False with activation gelu"),
+        (dict(activation="swiglu"), "position learned with activation swiglu"),
+        (dict(activation="swiglu", position="rotary"), "norm layernorm with activation swiglu"),
+        (
+            dict(activation="swiglu", position="rotary", norm="rmsnorm", qk_norm=True, bias=True),
+            "export needs bias=False with qk_norm",
+        ),
+    ],
+    ids=lambda value: (
+        "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else ""
+    ),
+)
+def test_exports_refuse_options_no_architecture_has(
+    overrides: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    model = sharp_model(preset("tiny", block_size=8, n_layer=1, **overrides))
+    with pytest.raises(ValueError) as refused:
+        export_hf(model, tmp_path / "hf")
+    assert message in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        export_gguf(model, tmp_path / "model.gguf")
+    assert message in str(refused.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_hf_export_is_fp32_whatever_the_model_dtype(tmp_path: Path) -> None:
@@ -207,19 +330,78 @@ def assert_q8_0_close(actual: np.ndarray, expected: np.ndarray, name: str) -> No
     assert np.all(np.abs(got - blocks) <= 0.6 * step + 1e-7), name
 
 
-@pytest.fixture(scope="module")
-def gguf_model() -> GPT:
-    return sharp_model(GGUF_CONFIG, seed=1)
+# One model of each GGUF architecture; the Llama one has biases, an untied head and a padded
+# vocabulary, the Qwen3 one (no biases: llama.cpp's qwen3 has none) a tied head.
+GGUF_CONFIGS = {
+    "gpt2": GGUF_CONFIG,
+    "llama": llama_style(block_size=24, bias=True, tie_embeddings=False, pad_vocab=True),
+    "qwen3": llama_style(block_size=24, bias=False, qk_norm=True),
+}
 
 
 @pytest.fixture(scope="module")
-def gguf_files(gguf_model: GPT, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("gguf")
-    files = {dtype: folder / f"model-{dtype}.gguf" for dtype in GGUF_TYPES}
-    for dtype, path in files.items():
-        export_gguf(gguf_model, path, dtype)
-    assert sorted(os.listdir(folder)) == sorted(path.name for path in files.values())
-    return files
+def gguf_exports(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[GPT, dict[str, Path]]]:
+    """Each architecture's model and its GGUF file of each type."""
+    exports = {}
+    for arch, config in GGUF_CONFIGS.items():
+        model = sharp_model(config, seed=1)
+        folder = tmp_path_factory.mktemp(f"gguf-{arch}")
+        files = {dtype: folder / f"model-{dtype}.gguf" for dtype in GGUF_TYPES}
+        for dtype, path in files.items():
+            export_gguf(model, path, dtype)
+        assert sorted(os.listdir(folder)) == sorted(path.name for path in files.values())
+        exports[arch] = (model, files)
+    return exports
+
+
+@pytest.fixture(scope="module")
+def gguf_model(gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]) -> GPT:
+    return gguf_exports["gpt2"][0]
+
+
+@pytest.fixture(scope="module")
+def gguf_files(gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]) -> dict[str, Path]:
+    return gguf_exports["gpt2"][1]
+
+
+def assert_stored(tensor: Any, ours: np.ndarray, matrix_type: gguf.GGMLQuantizationType) -> None:
+    """A GGUF tensor holds ``ours``: vectors and position embeddings exactly in f32, matrices in
+    ``matrix_type`` (exactly for f32 and f16, to q8_0's rounding otherwise)."""
+    stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape)
+    assert_stored_values(tensor, stored, ours, matrix_type)
+
+
+def assert_stored_values(
+    tensor: Any, stored: np.ndarray, ours: np.ndarray, matrix_type: gguf.GGMLQuantizationType
+) -> None:
+    if ours.ndim == 1 or tensor.name == "position_embd.weight":
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, tensor.name
+    else:
+        assert tensor.tensor_type == matrix_type, tensor.name
+    if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+        np.testing.assert_array_equal(stored, ours, err_msg=tensor.name)
+    elif tensor.tensor_type == gguf.GGMLQuantizationType.F16:
+        half = torch.from_numpy(ours).half().float().numpy()
+        np.testing.assert_array_equal(stored, half, err_msg=tensor.name)
+    else:
+        assert_q8_0_close(stored, ours, tensor.name)
+
+
+def assert_gpt2_tokenizer(reader: gguf.GGUFReader) -> None:
+    vocab, merges = gpt2_vocab_and_merges()
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == 50257 and all(vocab[token] == i for i, token in enumerate(tokens))
+    assert field(reader, "tokenizer.ggml.merges") == [f"{a} {b}" for a, b in merges]
+    token_types = field(reader, "tokenizer.ggml.token_type")
+    assert token_types[EOT] == gguf.TokenType.CONTROL
+    assert set(token_types[:EOT]) == {gguf.TokenType.NORMAL}
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.bos_token_id") == EOT
+    assert field(reader, "tokenizer.ggml.eos_token_id") == EOT
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
 
 
 @pytest.mark.parametrize("dtype", GGUF_TYPES)
@@ -237,18 +419,7 @@ def test_gguf_file(dtype: str, gguf_model: GPT, gguf_files: dict[str, Path]) -> 
     file_type = {"f32": 0, "f16": 1, "q8_0": 7}[dtype]  # llama.cpp's LLAMA_FTYPE_*
     assert field(reader, "general.file_type") == file_type
 
-    vocab, merges = gpt2_vocab_and_merges()
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    assert len(tokens) == 50257 and all(vocab[token] == i for i, token in enumerate(tokens))
-    assert field(reader, "tokenizer.ggml.merges") == [f"{a} {b}" for a, b in merges]
-    token_types = field(reader, "tokenizer.ggml.token_type")
-    assert token_types[EOT] == gguf.TokenType.CONTROL
-    assert set(token_types[:EOT]) == {gguf.TokenType.NORMAL}
-    assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
-    assert field(reader, "tokenizer.ggml.bos_token_id") == EOT
-    assert field(reader, "tokenizer.ggml.eos_token_id") == EOT
-    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert_gpt2_tokenizer(reader)
 
     expected = expected_gguf_tensors(config)
     assert sorted(tensor.name for tensor in reader.tensors) == sorted(expected)
@@ -256,19 +427,130 @@ def test_gguf_file(dtype: str, gguf_model: GPT, gguf_files: dict[str, Path]) -> 
     for tensor in reader.tensors:
         our_name, shape = expected[tensor.name]
         assert tuple(int(n) for n in tensor.shape) == shape, tensor.name
-        ours = our_parameter(gguf_model, our_name)
+        assert_stored(tensor, our_parameter(gguf_model, our_name), matrix_type)
+
+
+def expected_llama_gguf_tensors(model: GPT) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+    """llama.cpp's llama / qwen3 tensors: name → (our values, shape in ggml order {ne0, ne1}),
+    q and k in our (Hugging Face's) row order. Only the real tokens' rows; no
+    ``output.weight`` for a tied model; biases only for a model that has them."""
+    config = model.config
+    n, ff, vocab = config.n_embd, config.mlp_hidden, config.vocab_size
+
+    def values(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().numpy()
+
+    tensors = {
+        "token_embd.weight": (values(model.transformer.wte.weight[:vocab]), (n, vocab)),
+        "output_norm.weight": (values(model.transformer.ln_f.weight), (n,)),
+    }
+    if not config.tie_embeddings:
+        tensors["output.weight"] = (values(model.lm_head.weight[:vocab]), (n, vocab))
+    for i, block in enumerate(model.transformer.h):
+        attn, mlp = block.attn, block.mlp
+        linears = [
+            ("attn_q", attn.c_attn, slice(0, n), n),
+            ("attn_k", attn.c_attn, slice(n, 2 * n), n),
+            ("attn_v", attn.c_attn, slice(2 * n, 3 * n), n),
+            ("attn_output", attn.c_proj, slice(None), n),
+            ("ffn_gate", mlp.c_fc, slice(0, ff), n),
+            ("ffn_up", mlp.c_fc, slice(ff, 2 * ff), n),
+            ("ffn_down", mlp.c_proj, slice(None), ff),
+        ]
+        for name, linear, rows, inputs in linears:
+            weight = values(linear.weight[rows])
+            tensors[f"blk.{i}.{name}.weight"] = (weight, (inputs, weight.shape[0]))
+            if config.bias:
+                tensors[f"blk.{i}.{name}.bias"] = (values(linear.bias[rows]), (weight.shape[0],))
+        tensors[f"blk.{i}.attn_norm.weight"] = (values(block.ln_1.weight), (n,))
+        tensors[f"blk.{i}.ffn_norm.weight"] = (values(block.ln_2.weight), (n,))
+        if config.qk_norm:
+            head_dim = (config.head_dim,)
+            tensors[f"blk.{i}.attn_q_norm.weight"] = (values(attn.q_norm.weight), head_dim)
+            tensors[f"blk.{i}.attn_k_norm.weight"] = (values(attn.k_norm.weight), head_dim)
+    return tensors
+
+
+def interleaved_to_rotate_half(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's permutation of q/k rows: within each head, stored row 2i is our row i
+    and stored row 2i + 1 our row i + head_dim/2."""
+    head_dim = rows.shape[0] // n_head
+    heads = rows.reshape(n_head, head_dim // 2, 2, *rows.shape[1:])
+    return heads.swapaxes(1, 2).reshape(rows.shape)
+
+
+@pytest.mark.parametrize("dtype", GGUF_TYPES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_llama_style_file(
+    arch: str, dtype: str, gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]
+) -> None:
+    model, files = gguf_exports[arch]
+    config = model.config
+    reader = gguf.GGUFReader(files[dtype])
+
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.context_length") == config.block_size
+    assert field(reader, f"{arch}.embedding_length") == config.n_embd
+    assert field(reader, f"{arch}.feed_forward_length") == config.mlp_hidden
+    assert field(reader, f"{arch}.block_count") == config.n_layer
+    assert field(reader, f"{arch}.attention.head_count") == config.n_head
+    assert field(reader, f"{arch}.attention.head_count_kv") == config.n_head
+    assert field(reader, f"{arch}.attention.key_length") == config.head_dim
+    assert field(reader, f"{arch}.attention.value_length") == config.head_dim
+    assert field(reader, f"{arch}.rope.dimension_count") == config.head_dim
+    assert field(reader, f"{arch}.rope.freq_base") == 10000.0
+    assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert field(reader, f"{arch}.vocab_size") == 50257
+    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    if dtype == "f32":  # the tokenizer is written whatever the type (its checks are slow)
+        assert_gpt2_tokenizer(reader)
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+
+    expected = expected_llama_gguf_tensors(model)
+    assert sorted(tensor.name for tensor in reader.tensors) == sorted(expected)
+    matrix_type = gguf.GGMLQuantizationType[dtype.upper()]
+    for tensor in reader.tensors:
+        ours, shape = expected[tensor.name]
+        assert tuple(int(n) for n in tensor.shape) == shape, tensor.name
         stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape)
-        if len(shape) == 1 or tensor.name == "position_embd.weight":
-            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, tensor.name
-        else:
-            assert tensor.tensor_type == matrix_type, tensor.name
-        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
-            np.testing.assert_array_equal(stored, ours, err_msg=tensor.name)
-        elif tensor.tensor_type == gguf.GGMLQuantizationType.F16:
-            half = torch.from_numpy(ours).half().float().numpy()
-            np.testing.assert_array_equal(stored, half, err_msg=tensor.name)
-        else:
-            assert_q8_0_close(stored, ours, tensor.name)
+        if arch == "llama" and tensor.name.split(".")[-2] in ("attn_q", "attn_k"):
+            # Permuted for llama.cpp's interleaved rotary (qwen3's NEOX rotary needs none).
+            assert not np.array_equal(stored, ours), tensor.name
+            stored = interleaved_to_rotate_half(stored, config.n_head)
+        assert_stored_values(tensor, stored, ours, matrix_type)
+    if arch == "llama" and dtype == "f32":
+        assert_llama_cpp_rotary_gives_our_scores(model, reader)
+
+
+def assert_llama_cpp_rotary_gives_our_scores(model: GPT, reader: gguf.GGUFReader) -> None:
+    """One attention layer's scores from an f32 llama file's q and k as llama.cpp computes them
+    (rotary on adjacent pairs of dimensions, its "normal" mode) equal ours (rotate half)."""
+    config = model.config
+    seq, heads, head_dim, n = 12, config.n_head, config.head_dim, config.n_embd
+    stored = {tensor.name: np.asarray(tensor.data, dtype=np.float64) for tensor in reader.tensors}
+    x = np.random.default_rng(0).standard_normal((seq, n))
+
+    def interleaved_rotary(name: str) -> np.ndarray:
+        projected = x @ stored[f"blk.0.{name}.weight"].T + stored[f"blk.0.{name}.bias"]
+        pairs = projected.reshape(seq, heads, head_dim // 2, 2)
+        frequencies = 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
+        angles = np.arange(seq)[:, None, None] * frequencies[None, None, :]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        cos, sin = np.cos(angles), np.sin(angles)
+        return np.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(
+            seq, heads, head_dim
+        )
+
+    theirs = np.einsum("thd,uhd->htu", interleaved_rotary("attn_q"), interleaved_rotary("attn_k"))
+
+    with torch.no_grad():
+        qkv = model.transformer.h[0].attn.c_attn(torch.from_numpy(x).float())
+        q, k, _ = qkv.view(seq, 3, heads, head_dim).permute(1, 2, 0, 3)
+        tables = rotary_tables(torch.arange(seq), head_dim, torch.float32)
+        ours = apply_rotary(q[None], *tables)[0] @ apply_rotary(k[None], *tables)[0].transpose(1, 2)
+    ours = ours.numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
 
 
 def test_gguf_q8_0_falls_back_to_f16_for_rows_not_in_blocks_of_32(tmp_path: Path) -> None:
@@ -331,21 +613,42 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 # weights (about 5e-4 here); q8_0 adds its own rounding (about 2e-2). A misplaced or misnamed
 # weight would be off by the order of the logits themselves.
 @pytest.mark.parametrize(("dtype", "tolerance"), [("f32", 2e-3), ("f16", 3e-3), ("q8_0", 6e-2)])
+@pytest.mark.parametrize("arch", GGUF_CONFIGS)
 def test_llama_cpp_logits_match_ours(
-    dtype: str, tolerance: float, gguf_model: GPT, gguf_files: dict[str, Path]
+    arch: str,
+    dtype: str,
+    tolerance: float,
+    gguf_exports: dict[str, tuple[GPT, dict[str, Path]]],
 ) -> None:
+    model, files = gguf_exports[arch]
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50257, (gguf_model.config.block_size,), generator=generator).tolist()
-    theirs = llama_cpp_logits(gguf_files[dtype], ids)
+    ids = torch.randint(0, 50257, (model.config.block_size,), generator=generator).tolist()
+    theirs = llama_cpp_logits(files[dtype], ids)
     with torch.no_grad():
-        ours = gguf_model(torch.tensor([ids]))[0][0].numpy()
+        ours = model(torch.tensor([ids]))[0][0].numpy()
     error = np.abs(theirs - ours).max() / np.abs(ours).max()
     assert error < tolerance, f"max |logit difference| / max |logit| = {error:.2e}"
 
 
-def test_llama_cpp_tokenizer_matches_tiktoken(gguf_files: dict[str, Path]) -> None:
+@pytest.mark.parametrize("arch", GGUF_CONFIGS)
+def test_llama_cpp_greedy_tokens_match_ours(
+    arch: str, gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]
+) -> None:
+    model, files = gguf_exports[arch]
+    prompt = "Once upon a time"
+    ids = tiktoken.get_encoding("r50k_base").encode(prompt)
+    theirs: list[int] = []
+    while len(theirs) < 6 and EOT not in theirs:
+        theirs.append(int(llama_cpp_logits(files["f32"], ids + theirs)[-1].argmax()))
+    assert theirs == greedy_tokens(model, prompt, 6)
+
+
+@pytest.mark.parametrize("arch", GGUF_CONFIGS)
+def test_llama_cpp_tokenizer_matches_tiktoken(
+    arch: str, gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]
+) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama = llama_cpp.Llama(str(gguf_files["f32"]), vocab_only=True, verbose=False)
+    llama = llama_cpp.Llama(str(gguf_exports[arch][1]["f32"]), vocab_only=True, verbose=False)
     encoding = tiktoken.get_encoding("r50k_base")
     for text in TEXTS:
         ids = llama.tokenize(text.encode(), add_bos=False, special=True)
