@@ -132,6 +132,20 @@ PRESETS: dict[str, GPTConfig] = {
     # Seconds on a CPU: for tests and smoke runs. The vocabulary stays GPT-2's so that the
     # tokenizer, checkpoints and exports are exercised exactly as for the real sizes.
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64),
+    # The default: nanoGPT's quality-run shape (4 layers × 128) with Llama's network (rotary
+    # positions, RMSNorm, SwiGLU, no biases), 7.2M parameters, 6.4M of them the embedding. On
+    # a CPU the output layer is most of a step, so a narrow model sees the most tokens per
+    # minute; it exports to Llama's formats (BENCHMARKS.md has the measurements that chose it).
+    "small": GPTConfig(
+        block_size=128,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        bias=False,
+        position="rotary",
+        norm="rmsnorm",
+        activation="swiglu",
+    ),
     # The configuration the original notebook trains (~30M parameters, 19M of them embeddings).
     "seed": GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384),
     # The ~50M model the original README promises, with room for a whole TinyStories story.

@@ -20,6 +20,9 @@ def test_presets_have_the_promised_sizes() -> None:
     assert 50e6 <= fifty.num_parameters() <= 60e6
     assert fifty.config.block_size >= 512
     assert GPT(preset("tiny")).num_parameters() < 4e6
+    small = GPT(preset("small"))
+    assert small.num_parameters() < seed.num_parameters() / 4
+    assert small.config.position == "rotary" and small.config.activation == "swiglu"
 
 
 def test_unknown_preset_and_bad_config_are_refused() -> None:
