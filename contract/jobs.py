@@ -137,9 +137,10 @@ class TrainJobSpec(BaseModel):
         block = train.block_size or train.model().block_size
         if block > MAX_JOB_BLOCK_SIZE:
             raise ValueError(f"block size {block} exceeds the job limit of {MAX_JOB_BLOCK_SIZE}")
-        if train.total_steps(block) > MAX_JOB_STEPS:
+        steps = train.total_steps(block)  # None under max_minutes: the clock decides
+        if steps is not None and steps > MAX_JOB_STEPS:
             raise ValueError(
-                f"train.max_steps (or max_tokens, {train.total_steps(block):,} steps) may be at "
+                f"train.max_steps (or max_tokens, {steps:,} steps) may be at "
                 f"most {MAX_JOB_STEPS:,} steps for a job"
             )
         if train.batch_size * block > MAX_TOKENS_PER_MICRO_BATCH:

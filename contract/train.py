@@ -20,6 +20,8 @@ from model.config import PRESETS, Activation, GPTConfig, Norm, Position, preset
 from model.sampling import MAX_SEED
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# The settings that say how long a run trains; at most one is given (default: 1000 steps).
+LENGTHS = ("max_steps", "max_tokens", "max_minutes")
 
 # TrainConfig's overrides of the preset's network, named as in GPTConfig (None: the preset's).
 SHAPE_FIELDS = (
@@ -97,7 +99,10 @@ class TrainConfig(BaseModel):
     min_lr: float = Field(6e-5, ge=0.0, le=1.0, description="learning rate at the end of decay")
     warmup_steps: int = Field(100, ge=0, le=10_000_000, description="linear warm-up steps")
     max_steps: int | None = Field(
-        None, ge=1, le=100_000_000, description="optimizer steps (1000 unless max_tokens is given)"
+        None,
+        ge=1,
+        le=100_000_000,
+        description="optimizer steps (1000 unless max_tokens or max_minutes is given)",
     )
     max_tokens: int | None = Field(
         None, ge=1, le=10**13, description="train for this many tokens instead of max_steps"
@@ -107,6 +112,26 @@ class TrainConfig(BaseModel):
         ge=1,
         le=100_000_000,
         description="steps the warm-up and cosine span (default: all); past them, min_lr",
+    )
+    # A wall-clock budget: training (set-up excluded; evaluations and checkpoints included)
+    # runs until max_minutes have passed since it started, then ends with an eval and a
+    # checkpoint; a resumed run trains what is left of it. The schedule runs on the clock: the
+    # warm-up stays warmup_steps steps, then the cosine decays to min_lr over the time left
+    # (progress = the fraction of the budget after warm-up that has passed), unless
+    # lr_decay_steps is given. Evaluations stay every eval_interval steps.
+    max_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        le=10_000_000,
+        description="train for this many minutes of wall-clock time instead of max_steps "
+        "(set-up excluded, evals and checkpoints included; the cosine runs on the clock)",
+    )
+    lr_decay_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        le=10_000_000,
+        description="minutes the warm-up and cosine span, on the clock (default with "
+        "max_minutes: all); past them, min_lr",
     )
     weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW decay, ≥2-D weights")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1")
@@ -157,8 +182,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.max_steps is not None and self.max_tokens is not None:
-            raise ValueError("give max_steps or max_tokens, not both")
+        lengths = [name for name in LENGTHS if getattr(self, name) is not None]
+        if len(lengths) > 1:
+            raise ValueError(
+                f"give one of max_steps, max_tokens or max_minutes, not {' and '.join(lengths)}"
+            )
+        if self.lr_decay_steps is not None and self.lr_decay_minutes is not None:
+            raise ValueError("give lr_decay_steps or lr_decay_minutes, not both")
         try:
             shape = self.model()
         except ValueError as error:  # a combination GPTConfig refuses, e.g. n_embd % n_head
@@ -183,10 +213,22 @@ class TrainConfig(BaseModel):
         """The network this config trains from scratch: the preset, with the overrides given."""
         return preset(self.preset, dropout=self.dropout, **self.shape_overrides())
 
+    def decay_seconds(self) -> float | None:
+        """Seconds of training the warm-up and cosine span when the schedule runs on the clock
+        (lr_decay_minutes, or max_minutes without lr_decay_steps); None when it counts steps."""
+        if self.lr_decay_minutes is not None:
+            return self.lr_decay_minutes * 60
+        if self.max_minutes is not None and self.lr_decay_steps is None:
+            return self.max_minutes * 60
+        return None
+
     def tokens_per_step(self, block_size: int, world_size: int = 1) -> int:
         return self.batch_size * block_size * self.grad_accum * world_size
 
-    def total_steps(self, block_size: int, world_size: int = 1) -> int:
+    def total_steps(self, block_size: int, world_size: int = 1) -> int | None:
+        """Optimizer steps the run takes; None under max_minutes (the clock decides)."""
+        if self.max_minutes is not None:
+            return None
         if self.max_tokens is not None:
             return math.ceil(self.max_tokens / self.tokens_per_step(block_size, world_size))
         return self.max_steps if self.max_steps is not None else 1000
@@ -200,7 +242,11 @@ class TrainProgress(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     step: int = Field(0, description="optimizer steps done")
-    max_steps: int | None = None
+    max_steps: int | None = Field(
+        None,
+        description="the run's last step; under max_minutes an estimate while it runs (steps "
+        "done / time elapsed × budget), None before the first report",
+    )
     train_loss: float | None = Field(
         None, description="mean training loss over the steps since the previous report"
     )
@@ -208,7 +254,9 @@ class TrainProgress(BaseModel):
     lr: float | None = Field(None, description="the learning rate of the last step")
     tokens_seen: int = 0
     tokens_per_s: float | None = None
-    eta_s: float | None = Field(None, description="seconds left at the current rate")
+    eta_s: float | None = Field(
+        None, description="seconds left at the current rate (under max_minutes: of the budget)"
+    )
     last_checkpoint: str | None = Field(
         None,
         description="the checkpoint saved last: its metadata path to the trainer, "

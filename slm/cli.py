@@ -516,7 +516,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from contract.train import TrainConfig, describe_error
+    from contract.train import LENGTHS, TrainConfig, describe_error
     from worker.callbacks import ProgressBar, StopOnInterrupt
     from worker.state import has_state, load_state
     from worker.trainer import train
@@ -524,17 +524,17 @@ def _train(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in TrainConfig.model_fields}
     given = {name: value for name, value in given.items() if value is not None}
     if args.resume is not None:
-        length = {name: given.pop(name) for name in ("max_steps", "max_tokens") if name in given}
+        length = {name: given.pop(name) for name in LENGTHS if name in given}
         if given or args.data or args.out or args.init_from:
             raise ValueError(
-                "--resume RUN_DIR takes no other options than --max-steps or --max-tokens "
-                "(to train it longer): the run keeps its own"
+                "--resume RUN_DIR takes no other options than --max-steps, --max-tokens or "
+                "--max-minutes (to train it longer): the run keeps its own"
             )
         if not has_state(args.resume):
             raise ValueError(f"{args.resume} holds no training state to resume")
         state = load_state(args.resume)
         if length:  # the new length replaces the old, whichever way it was given
-            length = {"max_steps": None, "max_tokens": None, **length}
+            length = {**dict.fromkeys(LENGTHS), **length}
         try:
             config = TrainConfig(**{**state.config, **length})
         except ValidationError as error:

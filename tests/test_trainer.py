@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 from contract.train import TrainConfig, TrainProgress
 from model import GPT, preset
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from worker.callbacks import TrainCallback
+from worker.callbacks import ProgressBar, TrainCallback
 from worker.data import prepare
 from worker.history import HISTORY, LOSS_PLOT
 from worker.optim import muon_split, param_groups
@@ -425,3 +426,90 @@ def test_a_finished_run_trains_longer_at_min_lr_keeping_its_schedule(train_data,
         train(config.model_copy(update={"max_steps": 6}), train_data, run)
     with pytest.raises(TrainError, match=r"other settings \(lr, max_steps\)"):
         train(config.model_copy(update={"max_steps": 9, "lr": 1e-2}), train_data, run)
+
+
+# --- a wall-clock budget (max_minutes) --------------------------------------------------------
+
+
+class Clocked(Recorder):
+    """A Recorder that notes when each report came, and may ask to stop after ``stop_s``."""
+
+    def __init__(self, stop_s: float | None = None) -> None:
+        super().__init__()
+        self.stop_s = stop_s
+        self.times: list[float] = []
+
+    def on_start(self, progress: TrainProgress) -> None:
+        self.start, self.first = time.perf_counter(), progress
+
+    def on_progress(self, progress: TrainProgress) -> None:
+        super().on_progress(progress)
+        self.times.append(time.perf_counter() - self.start)
+
+    def should_stop(self) -> bool:
+        return self.stop_s is not None and time.perf_counter() - self.start > self.stop_s
+
+
+def test_one_length_at_most_and_the_clock_schedule() -> None:
+    with pytest.raises(ValueError, match="not max_steps and max_minutes"):
+        tiny(max_minutes=1.0)  # tiny() gives max_steps
+    with pytest.raises(ValueError, match="not max_tokens and max_minutes"):
+        tiny(max_steps=None, max_tokens=1000, max_minutes=1.0)
+    with pytest.raises(ValueError, match="max_minutes"):
+        tiny(max_steps=None, max_minutes=0)
+    config = tiny(max_steps=None, max_minutes=2.0, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert config.total_steps(32) is None and config.decay_seconds() == 120
+    assert lr_at(4, config, None, elapsed_s=50.0) == pytest.approx(5e-4)  # warm-up: steps
+    # The cosine spans the time from the warm-up's end (20 s) to the budget's (120 s).
+    assert lr_at(10, config, None, elapsed_s=20.0, warmup_s=20.0) == pytest.approx(1e-3)
+    assert lr_at(99, config, None, elapsed_s=70.0, warmup_s=20.0) == pytest.approx(5.5e-4)
+    assert lr_at(99, config, None, elapsed_s=121.0, warmup_s=20.0) == pytest.approx(1e-4)
+
+
+def test_a_time_budget_ends_near_it_with_an_eval_and_a_checkpoint(train_data, tmp_path) -> None:
+    config = tiny(max_steps=None, max_minutes=0.05, warmup_steps=2)  # 3 seconds
+    clocked = Clocked()
+    with ProgressBar() as bar:  # the CLI's bar, with an estimated total
+        result = train(config, train_data, tmp_path / "run", callbacks=[clocked, bar])
+        assert bar.bar.total == bar.bar.n == result.step
+    seen = clocked.seen
+    assert result.status == "finished" and result.max_steps == result.step == seen[-1].step > 2
+    assert 3.0 <= clocked.times[-1] < 30.0  # generous: the machine is shared
+    assert clocked.first.max_steps is None  # no pace known yet
+    evals = json.loads((tmp_path / "run" / HISTORY).read_text())["evals"]
+    assert [e["step"] for e in evals] == [result.step]
+    assert read_meta(tmp_path / "run").step == result.step
+    # The cosine ran on the clock: the last step came late in the budget, near min_lr.
+    assert seen[-1].lr < config.min_lr + 0.3 * (config.lr - config.min_lr)
+    lrs = [p.lr for p in seen[config.warmup_steps :]]
+    assert lrs == sorted(lrs, reverse=True)
+    for progress in seen[:-1]:
+        assert progress.max_steps > progress.step and 0 <= progress.eta_s <= 3.0
+    assert seen[-1].max_steps == seen[-1].step and seen[-1].eta_s == 0
+    state = json.loads((tmp_path / "run" / STATE_JSON).read_text())
+    assert 3.0 <= state["elapsed_s"] < 30.0 and state["warmup_s"] > 0
+
+
+def test_a_resumed_budget_trains_what_is_left_and_can_be_extended(train_data, tmp_path) -> None:
+    config = tiny(max_steps=None, max_minutes=0.05, warmup_steps=2)  # 3 seconds
+    run = tmp_path / "run"
+    first = train(config, train_data, run, callbacks=[Clocked(stop_s=2.0)])
+    spent = json.loads((run / STATE_JSON).read_text())["elapsed_s"]
+    assert first.status == "stopped" and 2.0 <= spent < 3.0
+
+    rest = Clocked()
+    second = train(config, train_data, run, callbacks=[rest])
+    assert second.status == "finished" and second.step > first.step
+    # The clock went on from where it stopped: only the budget's remainder was left.
+    assert rest.first.step == first.step and rest.seen[0].eta_s < 3.0 - spent
+    assert 3.0 <= json.loads((run / STATE_JSON).read_text())["elapsed_s"] < 30.0
+
+    # More minutes: the schedule keeps its planned end, so the extra time runs at min_lr.
+    more = Clocked()
+    longer = config.model_copy(update={"max_minutes": 0.07})
+    third = train(longer, train_data, run, callbacks=[more])
+    assert third.step > second.step and more.seen[0].eta_s < 4.2 - 3.0
+    assert [p.lr for p in more.seen] == pytest.approx([config.min_lr] * len(more.seen))
+    assert json.loads((run / STATE_JSON).read_text())["config"]["lr_decay_minutes"] == 0.05
+    with pytest.raises(TrainError, match="to extend it, ask for more than that"):
+        train(config.model_copy(update={"max_minutes": 0.06}), train_data, run)

@@ -107,8 +107,11 @@ class ProgressBar(TrainCallback):
         self.bar.update(progress.step)
 
     def on_progress(self, progress: TrainProgress) -> None:
+        # Under max_minutes the total is an estimate that moves (None before the first report).
+        if progress.max_steps != self.bar.total:
+            self.bar.total = progress.max_steps
         loss, rate = progress.train_loss, progress.tokens_per_s
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         self.bar.update(progress.step - self.bar.n)
 
 

@@ -49,6 +49,10 @@ class TrainState:
     optimizer: dict[str, Any]  # torch's optimizer state_dict
     scaler: dict[str, Any]
     rng: dict[str, torch.Tensor]  # name → uint8 state tensor
+    # Seconds of training so far (set-up excluded), and when the warm-up ended: a max_minutes
+    # run resumes with the rest of its budget and its schedule. States written before: 0, None.
+    elapsed_s: float = 0.0
+    warmup_s: float | None = None
 
 
 def has_state(run_dir: Path) -> bool:
@@ -82,6 +86,8 @@ def save_state(run_dir: Path, state: TrainState) -> None:
         "param_groups": state.optimizer["param_groups"],
         "moments": moments,
         "scaler": state.scaler,
+        "elapsed_s": state.elapsed_s,
+        "warmup_s": state.warmup_s,
         "tensors_file": tensors_file,
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
     }
@@ -143,6 +149,8 @@ def load_state(run_dir: Path) -> TrainState:
             optimizer={"state": optimizer_state, "param_groups": groups},
             scaler=meta["scaler"],
             rng=rng,
+            elapsed_s=float(meta.get("elapsed_s", 0.0)),
+            warmup_s=meta.get("warmup_s"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise StateError(f"{run_dir / STATE_JSON} is incomplete: {error!r}") from None

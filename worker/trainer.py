@@ -12,7 +12,8 @@ A run folder (``run_dir``) ends up holding::
 What the original notebook got wrong, and this loop does instead: the learning rate follows
 warm-up then cosine decay per *optimizer* step (never per micro-batch), ``min_lr`` may not exceed
 the peak, weight decay applies to ≥2-D weights only (not biases, LayerNorms), and stories are
-separated by ``<|endoftext|>`` in the token files (``worker.data``).
+separated by ``<|endoftext|>`` in the token files (``worker.data``). A run is as long as
+``max_steps``, ``max_tokens`` or a wall-clock budget, ``max_minutes`` (see ``Trainer``).
 
 Between reports (every ``log_interval`` steps, and at evaluations and checkpoints) the loop never
 waits for the device: the loss stays a device tensor, and under torchrun the stop flag is
@@ -53,7 +54,7 @@ from worker.state import TrainState, has_state, load_state, save_state
 
 BEST = "best"
 # The settings a resumed run may change: how long it trains (its schedule stays, see _extend).
-RUN_LENGTH = {"max_steps", "max_tokens"}
+RUN_LENGTH = {"max_steps", "max_tokens", "max_minutes"}
 # Dense bf16/fp16 peak FLOP/s per GPU, for MFU; GPUs not listed get no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -76,13 +77,33 @@ class TrainError(ValueError):
 # --- pieces with no state of their own ----------------------------------------------------------
 
 
-def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
+def lr_at(
+    step: int,
+    config: TrainConfig,
+    max_steps: int | None,
+    *,
+    elapsed_s: float = 0.0,
+    warmup_s: float | None = None,
+) -> float:
     """The learning rate for optimizer step ``step`` (0-based): linear warm-up to ``lr`` over
     ``warmup_steps``, then cosine decay to ``min_lr`` at ``lr_decay_steps`` (default
-    ``max_steps``), then ``min_lr``."""
-    decay_steps = config.lr_decay_steps or max_steps
+    ``max_steps``), then ``min_lr``.
+
+    When the schedule runs on the clock (``config.decay_seconds()``: max_minutes,
+    lr_decay_minutes) the cosine instead spans the seconds from the end of the warm-up
+    (``warmup_s``) to the decay's end, by the training time elapsed (``elapsed_s``)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    decay_s = config.decay_seconds()
+    if decay_s is not None:
+        start = warmup_s or 0.0
+        if elapsed_s >= decay_s:
+            return config.min_lr
+        progress = min(1.0, max(0.0, (elapsed_s - start) / max(1e-9, decay_s - start)))
+        return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
+            config.lr - config.min_lr
+        )
+    decay_steps = config.lr_decay_steps or max_steps or 0
     if step >= decay_steps:
         return config.min_lr
     progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
@@ -109,6 +130,20 @@ class Trainer:
     and loss.png are kept by a callback of the trainer's own (``worker.history.RunHistory``),
     called before ``callbacks``.
 
+    With ``max_minutes`` the clock ends the run instead: it trains until that much wall time
+    has passed since training started (set-up excluded, evaluations and checkpoints included),
+    then evaluates and saves a checkpoint (after the budget: the last step is the one that ends
+    past it). The warm-up stays ``warmup_steps`` steps; then the cosine runs on elapsed time,
+    from the warm-up's end to the budget's (``lr_at``). Evaluations and checkpoints still come
+    every ``eval_interval`` / ``checkpoint_interval`` steps. While it runs, progress reports
+    estimate ``max_steps`` (steps done / time elapsed × budget) and give the budget's remaining
+    time as ``eta_s``. Under torchrun every process follows rank 0's clock, heard at each stop
+    check and extrapolated by steps in between, so all agree on the learning rate and the last
+    step. The training time is part of the training state: a stopped run resumes with the rest
+    of its budget, and ``--max-minutes`` extends it; but since the schedule and the last step
+    depend on wall time, such a resume continues the run without being bitwise the run that
+    was never stopped (step budgets are).
+
     A ``run_dir`` that already holds a training state is resumed exactly (model, optimizer,
     schedule, GradScaler, every RNG, data position), provided ``config`` is the one it was
     started with. ``init_from`` fine-tunes: the weights of that checkpoint, a fresh schedule.
@@ -133,7 +168,9 @@ class Trainer:
 
         resumed = load_state(self.run_dir) if has_state(self.run_dir) else None
         self.model = self._restore_or_init(resumed, init_from).to(self.device)
-        self.max_steps = config.total_steps(self.block_size, self.world_size)
+        # None under max_minutes: the clock (``_budget_spent``) ends the run.
+        self.max_steps = self.config.total_steps(self.block_size, self.world_size)
+        self.budget_s = self.config.max_minutes * 60 if self.config.max_minutes else None
         self.tokens_per_step = config.tokens_per_step(self.block_size, self.world_size)
         self.optimizer, self.scaler = self._optimizer()
 
@@ -147,6 +184,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.history: list[Evaluation] = []
+        self.elapsed_s, self.warmup_s = 0.0, None  # training time so far; when warm-up ended
         if resumed is not None:
             self._restore(resumed)
         self.forward_model, self.train_model = self._wrap(self.model)
@@ -191,12 +229,24 @@ class Trainer:
         return model
 
     def _extend(self, state: TrainState) -> None:
-        """A resumed run given more steps (max_steps or max_tokens) keeps its learning-rate
-        schedule: the cosine still ends where it was planned to, and the steps past it run at
-        min_lr; a later resume of the same run keeps that."""
+        """A resumed run given a new length (max_steps, max_tokens or max_minutes) keeps its
+        learning-rate schedule: the cosine still ends where it was planned to (in steps, or in
+        minutes for a run whose schedule ran on the clock), and what follows runs at min_lr; a
+        later resume of the same run keeps that."""
         saved = TrainConfig(**{**TrainConfig().model_dump(), **state.config})
-        planned = saved.lr_decay_steps or saved.total_steps(self.block_size, self.world_size)
-        self.config = self.config.model_copy(update={"lr_decay_steps": planned})
+        decay_s = saved.decay_seconds()
+        if decay_s is not None:
+            self.config = self.config.model_copy(update={"lr_decay_minutes": decay_s / 60})
+        else:
+            planned = saved.lr_decay_steps or saved.total_steps(self.block_size, self.world_size)
+            self.config = self.config.model_copy(update={"lr_decay_steps": planned})
+        if self.config.max_minutes is not None:
+            if self.config.max_minutes * 60 <= state.elapsed_s:
+                raise TrainError(
+                    f"{self.run_dir} has trained {state.elapsed_s / 60:.2f} minutes: to extend "
+                    f"it, ask for more than that (now max_minutes {self.config.max_minutes})"
+                )
+            return
         total = self.config.total_steps(self.block_size, self.world_size)
         if total <= state.step:
             raise TrainError(
@@ -265,6 +315,10 @@ class Trainer:
         if self.config.lr_decay_steps is None and saved["lr_decay_steps"] is not None:
             # A run extended before keeps the schedule it was given then (see _extend).
             self.config = self.config.model_copy(update={"lr_decay_steps": saved["lr_decay_steps"]})
+        if self.config.lr_decay_minutes is None and saved.get("lr_decay_minutes") is not None:
+            self.config = self.config.model_copy(
+                update={"lr_decay_minutes": saved["lr_decay_minutes"]}
+            )
         given = self.config.model_dump()
         changed = {k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k)}
         extended = bool(changed) and changed <= RUN_LENGTH
@@ -272,7 +326,8 @@ class Trainer:
             raise TrainError(
                 f"{self.run_dir} holds a run started with other settings "
                 f"({', '.join(sorted(changed))}); resume it with its own settings (`slm train "
-                f"--resume {self.run_dir}`, which may raise --max-steps or --max-tokens) or "
+                f"--resume {self.run_dir}`, which may raise --max-steps, --max-tokens or "
+                f"--max-minutes) or "
                 f"train into a new folder"
             )
         if state.world_size != self.world_size:
@@ -290,6 +345,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(state.rng[f"cuda.{self.rank}"], self.device)
         self.step, self.tokens_seen = state.step, state.tokens_seen
+        self.elapsed_s, self.warmup_s = state.elapsed_s, state.warmup_s
         self.best_val_loss = state.best_val_loss
         self.last_checkpoint = self.run_dir / f"{state.checkpoint}.json"
         self.history = read_history(self.run_dir, self.step)
@@ -310,29 +366,43 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         self.model.train()
+        # The training clock: set-up excluded, a resumed run's earlier training included.
+        self._started = time.perf_counter() - self.elapsed_s
+        self._synced = (self.step, self.elapsed_s, 0.0)  # torchrun: step, seconds, s/step
+        if self.budget_s is None:
+            length = f"step {self.step} of {self.max_steps}"
+        else:
+            length = (
+                f"step {self.step}, {self.elapsed_s / 60:.2f} of a {self.budget_s / 60:g}-minute "
+                f"budget"
+            )
         self.callbacks.log(
             f"training {self.model.num_parameters():,} parameters on {self.device} "
             f"({str(self.dtype).removeprefix('torch.')}, {self.world_size} process(es)): "
-            f"step {self.step} of {self.max_steps}, {self.tokens_per_step:,} tokens per step"
+            f"{length}, {self.tokens_per_step:,} tokens per step"
         )
         val_loss = self.history[-1]["val_loss"] if self.history else None
         self.callbacks.on_start(self._progress(val_loss=val_loss))
         losses = torch.zeros((), device=self.device)  # summed on the device between reports
         since_report, reported_at = 0, time.perf_counter()
-        while self.step < self.max_steps:
-            lr = lr_at(self.step, self.config, self.max_steps)
+        done = self._budget_spent()
+        while not done:
+            lr = self._lr()
             losses += self._optimizer_step(lr)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             since_report += 1
 
-            last = self.step == self.max_steps
-            evaluate = self.step % self.config.eval_interval == 0 or last
             interval = self.config.checkpoint_interval
-            checkpoint = bool(interval and self.step % interval == 0) or last
+            periodic = bool(interval and self.step % interval == 0)
             logged = self.step % self.config.log_interval == 0
+            due_eval = self.step % self.config.eval_interval == 0
+            # Under torchrun this is also where every process hears rank 0's clock.
+            stop = self._stop_requested(due_eval or periodic or logged)
+            done = last = self._budget_spent()
+            evaluate = due_eval or last
+            checkpoint = periodic or last
             report = evaluate or checkpoint or logged
-            stop = self._stop_requested(report)
             if not (report or stop):
                 continue
 
@@ -342,7 +412,7 @@ class Trainer:
             tokens_per_s = self.tokens_per_step / seconds_per_step
             if logged:
                 self.callbacks.log(
-                    f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                    f"step {self._where()} | loss {train_loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_s:,.0f} tokens/s{self._mfu(tokens_per_s)}"
                 )
             evaluated = None
@@ -351,13 +421,18 @@ class Trainer:
                 val_loss = evaluated["val_loss"]
             if checkpoint or stop:
                 self._save(evaluated)
+            if self.budget_s is None:
+                eta_s = (self.max_steps - self.step) * seconds_per_step
+            else:
+                eta_s = 0.0 if last else max(0.0, self.budget_s - self._elapsed())
             self.callbacks.on_progress(
                 self._progress(
+                    final=last,
                     train_loss=train_loss,
                     val_loss=val_loss,
                     lr=lr,
                     tokens_per_s=tokens_per_s,
-                    eta_s=(self.max_steps - self.step) * seconds_per_step,
+                    eta_s=eta_s,
                 )
             )
             if stop:
@@ -367,12 +442,55 @@ class Trainer:
                 return self._result("stopped")
             losses.zero_()
             since_report, reported_at = 0, time.perf_counter()
+        if self.budget_s is not None:
+            self.max_steps = self.step  # a budget's last step is known only now
         return self._result("finished")
 
-    def _progress(self, **measured: float | None) -> TrainProgress:
+    # --- the clock (max_minutes) ----------------------------------------------------------------
+
+    def _clock(self) -> float:
+        """Seconds of training this process has seen, earlier sessions of the run included."""
+        return time.perf_counter() - self._started
+
+    def _elapsed(self) -> float:
+        """The training time every process agrees on: this process's clock alone; under
+        torchrun rank 0's, as heard at the last stop check, plus the steps since at the rate of
+        the interval before it (so every process computes the same learning rate and ends at
+        the same step, without a broadcast per step)."""
+        if self.world_size == 1:
+            return self._clock()
+        step, seconds, rate = self._synced
+        return seconds + (self.step - step) * rate
+
+    def _budget_spent(self) -> bool:
+        if self.budget_s is None:
+            return self.step >= self.max_steps
+        return self._elapsed() >= self.budget_s
+
+    def _lr(self) -> float:
+        elapsed = self._elapsed()
+        if self.warmup_s is None and self.step >= self.config.warmup_steps:
+            self.warmup_s = elapsed  # the clock's cosine starts here
+        return lr_at(
+            self.step, self.config, self.max_steps, elapsed_s=elapsed, warmup_s=self.warmup_s
+        )
+
+    def _where(self) -> str:
+        if self.budget_s is None:
+            return f"{self.step}/{self.max_steps}"
+        return f"{self.step} ({self._elapsed() / 60:.2f}/{self.budget_s / 60:g} min)"
+
+    def _progress(self, final: bool = False, **measured: float | None) -> TrainProgress:
+        max_steps = self.max_steps
+        if self.budget_s is not None:  # an estimate: steps so far at the pace so far
+            elapsed = self._elapsed()
+            if final:
+                max_steps = self.step
+            elif self.step and elapsed > 0:
+                max_steps = max(self.step + 1, round(self.step * self.budget_s / elapsed))
         return TrainProgress(
             step=self.step,
-            max_steps=self.max_steps,
+            max_steps=max_steps,
             tokens_seen=self.tokens_seen,
             last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
             **measured,
@@ -412,9 +530,14 @@ class Trainer:
         if not report:
             return False
         stop = self.master and self.callbacks.should_stop()
-        flag = torch.tensor([float(stop)], device=self.device)
+        flag = torch.tensor([float(stop), self._clock()], dtype=torch.float64, device=self.device)
         dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        stop_flag, seconds = flag.tolist()
+        step, before, rate = self._synced
+        if self.step > step:
+            rate = (seconds - before) / (self.step - step)
+        self._synced = (self.step, seconds, rate)
+        return bool(stop_flag)
 
     def _mfu(self, tokens_per_s: float) -> str:
         if self.device.type != "cuda":
@@ -520,6 +643,8 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(),
                 scaler=self.scaler.state_dict(),
                 rng=rng,
+                elapsed_s=self._clock(),
+                warmup_s=self.warmup_s,
             ),
         )
         # Only now: the training state names this checkpoint, so a resume never needs an older one.
