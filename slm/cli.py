@@ -378,7 +378,7 @@ def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespac
 
 
 def _export_hf_options(parser: argparse.ArgumentParser) -> None:
-    """write a Hugging Face GPT2LMHeadModel folder"""
+    """write a Hugging Face folder (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM)"""
     _add_checkpoint(parser)
     parser.add_argument("out_dir", type=Path)
 
@@ -386,11 +386,13 @@ def _export_hf_options(parser: argparse.ArgumentParser) -> None:
 @command("export-hf", _export_hf_options)
 def _export_hf(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
-    from model.export.hf import export_hf
+    from model.export.hf import HF_CLASSES, export_hf
+    from model.export.weights import export_architecture
 
     model, meta = load_checkpoint(find_checkpoint(args.checkpoint))
     export_hf(model, args.out_dir)
-    print(f"{meta.name} exported as a transformers GPT2LMHeadModel folder: {args.out_dir}")
+    kind = HF_CLASSES[export_architecture(model.config)]
+    print(f"{meta.name} exported as a transformers {kind} folder: {args.out_dir}")
     return 0
 
 
@@ -405,10 +407,12 @@ def _export_gguf_options(parser: argparse.ArgumentParser) -> None:
 def _export_gguf(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
     from model.export.gguf import export_gguf
+    from model.export.weights import export_architecture
 
     model, meta = load_checkpoint(find_checkpoint(args.checkpoint))
     export_gguf(model, args.file, dtype=args.type)
-    print(f"{meta.name} exported as GGUF ({args.type}) for llama.cpp: {args.file}")
+    kind = export_architecture(model.config)
+    print(f"{meta.name} exported as GGUF ({args.type}, llama.cpp's {kind}): {args.file}")
     return 0
 
 

@@ -40,6 +40,9 @@ from model.tokenizer import END_OF_TEXT, get_tokenizer
 # Weights of the Linear layers that GPT-2 implements as Conv1D.
 CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
+# The transformers class each export architecture loads as.
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
 EXPORT_FILES = (
     "config.json",
     "generation_config.json",
@@ -144,7 +147,7 @@ def _gpt2_config(model: GPT) -> dict[str, Any]:
     config = model.config
     eot_id = get_tokenizer().eot_id
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [HF_CLASSES["gpt2"]],
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
@@ -176,7 +179,7 @@ def _llama_config(model: GPT, architecture: Architecture) -> dict[str, Any]:
     config = model.config
     eot_id = get_tokenizer().eot_id
     hf_config: dict[str, Any] = {
-        "architectures": ["Qwen3ForCausalLM" if architecture == "qwen3" else "LlamaForCausalLM"],
+        "architectures": [HF_CLASSES[architecture]],
         "model_type": architecture,
         "vocab_size": config.vocab_size,  # a padded model's extra rows are left out
         "hidden_size": config.n_embd,
