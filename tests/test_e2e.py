@@ -454,7 +454,8 @@ def test_playground_writes_with_the_picked_run(stack: Stack, tmp_path: Path) -> 
 def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
     """The Train panel's Advanced section: what is set there (1 layer, rotary positions) goes
     into the job's spec and nothing else does (the preset decides the rest); a shape the model
-    cannot have is refused with the API's message, on a desktop and on a 390 px phone."""
+    cannot have is refused with the API's message, on a desktop and on a 390 px phone. On the
+    desktop the job also trains with Muon for a time budget (minutes instead of steps)."""
     from playwright.sync_api import expect, sync_playwright
 
     client = httpx.Client(base_url=stack.base_url, timeout=30)
@@ -487,6 +488,7 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                     "Pad vocabulary",
                 ):
                     expect(page.get_by_label(label)).to_have_value("")
+                expect(page.get_by_role("combobox", name="Optimizer")).to_have_value("adamw")
                 if width < 480:
                     assert_no_sideways_scroll(page, width)  # the open section fits a phone
 
@@ -495,6 +497,12 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                 page.get_by_label("Steps").fill("20")
                 layers.fill("1")
                 page.get_by_label("Position encoding").select_option("rotary")
+                budget = {}
+                if width >= 480:  # Muon, for two minutes instead of the steps
+                    page.get_by_role("combobox", name="Optimizer").select_option("muon")
+                    page.get_by_label("Or a time budget, minutes").fill("2")
+                    expect(page.get_by_label("Steps")).to_be_disabled()
+                    budget = {"optimizer": "muon", "max_minutes": 2}
                 with page.expect_response(
                     lambda response: (
                         response.url.endswith("/train-jobs") and response.request.method == "POST"
@@ -505,12 +513,16 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                 sent = answer.value.request.post_data_json["train"]
                 assert (sent["n_layer"], sent["position"]) == (1, "rotary"), sent
                 assert not {"n_head", "n_embd", "norm", "activation", "qk_norm"} & set(sent), sent
+                assert {name: sent.get(name) for name in budget} == budget, sent
+                assert ("max_steps" in sent) is not bool(budget), sent  # one length, not both
                 job_id = answer.value.json()["id"]
                 accepted.append(job_id)
                 expect(page.locator("#jobs")).to_contain_text(run, timeout=10_000)
                 train = job_status(client, job_id)["spec"]["train"]
                 assert (train["n_layer"], train["position"]) == (1, "rotary"), train
                 assert train["n_head"] is None and train["norm"] is None, train
+                assert train["optimizer"] == budget.get("optimizer", "adamw"), train
+                assert train["max_minutes"] == budget.get("max_minutes"), train
 
                 # A width the heads do not divide: the API's refusal, shown in the page.
                 page.get_by_label("Run name").fill(run + "-bad")

@@ -437,15 +437,20 @@ function jobRequest(form) {
       : { dataset: fields.get("dataset") },
     train: {
       preset: fields.get("preset"),
-      max_steps: integer("max_steps"),
+      // A time budget, when one is given, replaces the steps (the API takes one of them).
+      ...(parseFloat(fields.get("max_minutes")) > 0
+        ? { max_minutes: parseFloat(fields.get("max_minutes")) }
+        : { max_steps: integer("max_steps") }),
       batch_size: integer("batch_size"),
       block_size: integer("block_size"),
       lr: parseFloat(fields.get("lr")),
       min_lr: parseFloat(fields.get("lr")) / 10,
-      warmup_steps: Math.min(100, Math.floor(integer("max_steps") / 10)),
+      // A tenth of the Steps field (read while a time budget turns it off), at most 100.
+      warmup_steps: Math.min(100, Math.floor(parseInt(form.elements.max_steps.value, 10) / 10) || 0),
       eval_interval: integer("eval_interval"),
       eval_iters: 5,
       checkpoint_interval: integer("checkpoint_interval"),
+      ...(fields.get("optimizer") === "muon" ? { optimizer: "muon" } : {}),
       ...modelOverrides(fields),
     },
   };
@@ -569,7 +574,9 @@ function describeJob(job) {
   } else {
     // Not started yet: the steps it will train, as asked (the worker works them out later).
     const planned = job.max_steps ?? job.spec?.train?.max_steps;
+    const minutes = job.spec?.train?.max_minutes;
     if (planned) parts[0] += `: ${planned} steps to train`;
+    else if (minutes) parts[0] += `: ${minutes} minutes to train`;
   }
   if (active && job.tokens_per_s) {
     parts.push(`${Math.round(job.tokens_per_s).toLocaleString("en")} tokens/s`);
@@ -740,6 +747,10 @@ document.addEventListener("DOMContentLoaded", () => {
   showHistory();
   $("train-form").addEventListener("submit", submitJob);
   $("train-form").elements.dataset.addEventListener("input", describeData);
+  // A time budget replaces the steps: the Steps field is off while one is given.
+  $("train-form").elements.max_minutes.addEventListener("input", (event) => {
+    $("train-form").elements.max_steps.disabled = event.target.value.trim() !== "";
+  });
   $("job-stop").addEventListener("click", () => jobAction("DELETE", ""));
   $("job-resume").addEventListener("click", () => jobAction("POST", "/resume"));
   loadSamplingDefaults();
