@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -22,7 +23,7 @@ from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from worker.callbacks import ProgressBar, TrainCallback
 from worker.data import prepare
 from worker.history import HISTORY, LOSS_PLOT
-from worker.optim import muon_split, param_groups
+from worker.optim import Muon, muon_split, param_groups
 from worker.state import STATE_JSON
 from worker.trainer import (
     Trainer,
@@ -180,6 +181,34 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(train_data, tmp_path)
     # One schedule, each optimizer from its own peak.
     trainer.optimizer.set_lr(0.5)
     assert decayed["lr"] == pytest.approx(1.5e-3) and muon_opt.param_groups[0]["lr"] == 0.02
+
+
+def test_muon_on_a_cpu_is_torchs_update_orthogonalised_in_fp32() -> None:
+    torch.manual_seed(0)
+    ours_model = GPT(preset("tiny", n_embd=128, n_head=4))
+    torchs_model = copy.deepcopy(ours_model)
+    idx = torch.randint(0, 50257, (2, 32))
+    for model in (ours_model, torchs_model):
+        model(idx, idx)[1].backward()
+    ours, torchs = muon_split(ours_model)[0], muon_split(torchs_model)[0]
+    start = [p.detach().clone() for p in ours]
+    Muon(ours, lr=0.02, weight_decay=0.0).step()
+    torch.optim.Muon(torchs, lr=0.02, weight_decay=0.0).step()
+    for mine, theirs, before in zip(ours, torchs, start, strict=True):
+        update = (mine - before).detach() / 0.02
+        rows, columns = update.shape
+        update /= max(1.0, rows / columns) ** 0.5  # torch's "original" lr scaling
+        # Newton–Schulz pushes the gradient's singular values towards 1 (0.5-1.5 by design; a
+        # batch of 64 tokens gives the gradient at most 64 of them) ...
+        singular = torch.linalg.svdvals(update)[:32]
+        assert singular.min() > 0.3 and singular.max() < 1.6
+        # ... and torch's bfloat16 iteration lands close to our fp32 one.
+        difference = (mine - theirs).norm() / (mine - before).norm()
+        assert difference < 0.3
+    # The same state: one momentum buffer per matrix, which torch's Muon loads as it is.
+    saved = Muon(ours, lr=0.02)
+    saved.step()
+    torch.optim.Muon(ours, lr=0.02).load_state_dict(saved.state_dict())
 
 
 def test_muon_trains_a_tiny_model(train_data, tmp_path) -> None:
