@@ -23,6 +23,10 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 # The settings that say how long a run trains; at most one is given (default: 1000 steps).
 LENGTHS = ("max_steps", "max_tokens", "max_minutes")
 
+# Settings whose default changed after runs began saving their config, at the value those runs
+# trained with: a saved config that lacks one predates it.
+EARLIER_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
+
 # TrainConfig's overrides of the preset's network, named as in GPTConfig (None: the preset's).
 SHAPE_FIELDS = (
     "n_layer",
@@ -42,7 +46,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # The model: a preset, plus the overrides that change its shape or regularisation.
-    preset: str = Field("tiny", description=f"model preset: {', '.join(PRESETS)}")
+    preset: str = Field("small", description=f"model preset: {', '.join(PRESETS)}")
     model_block_size: int | None = Field(
         None, ge=8, le=8192, description="override the preset's positions (context length)"
     )
@@ -95,9 +99,13 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
 
     # Optimizer and schedule (per optimizer step, never per micro-batch).
-    lr: float = Field(6e-4, gt=0.0, le=1.0, description="peak learning rate")
-    min_lr: float = Field(6e-5, ge=0.0, le=1.0, description="learning rate at the end of decay")
-    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="linear warm-up steps")
+    # The defaults are the recipe measured best for the default preset (BENCHMARKS.md): Muon for
+    # the blocks and a high AdamW rate for the tied embedding, which is most of a small model.
+    lr: float = Field(
+        6e-3, gt=0.0, le=1.0, description="peak learning rate (AdamW's: with muon, its share)"
+    )
+    min_lr: float = Field(6e-4, ge=0.0, le=1.0, description="learning rate at the end of decay")
+    warmup_steps: int = Field(20, ge=0, le=10_000_000, description="linear warm-up steps")
     max_steps: int | None = Field(
         None,
         ge=1,
@@ -138,7 +146,7 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW β2")
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="max gradient norm (0 = off)")
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw",
+        "muon",
         description="adamw, or muon: Muon for the blocks' 2-D weights (attention, MLP), AdamW "
         "(lr, weight_decay, betas) for embeddings, head, norms and biases",
     )
@@ -201,6 +209,12 @@ class TrainConfig(BaseModel):
                 f"positions; raise them with model_block_size"
             )
         return self
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The config a saved run (its training state or checkpoint) trained with: a setting
+        added since takes the value that reproduces what the run did, not today's default."""
+        return cls(**{**EARLIER_DEFAULTS, **saved})
 
     def shape_overrides(self) -> dict[str, Any]:
         """The preset's shape and architecture settings this config changes (those given)."""

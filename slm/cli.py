@@ -540,7 +540,7 @@ def _train(args: argparse.Namespace) -> int:
         if length:  # the new length replaces the old, whichever way it was given
             length = {**dict.fromkeys(LENGTHS), **length}
         try:
-            config = TrainConfig(**{**state.config, **length})
+            config = TrainConfig.from_saved({**state.config, **length})
         except ValidationError as error:
             raise ValueError(describe_error(error)) from None
         data_dir, run_dir = Path(state.data_dir), args.resume

@@ -292,6 +292,7 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             page.get_by_label("Run name").fill("browser")
             check_the_data_field(page, client)
             page.get_by_label("Data: a dataset in DATA_DIR, hub:v2 or a URL").fill("stories")
+            page.get_by_label("Preset").select_option("tiny")  # seconds, not minutes
             page.get_by_label("Steps").fill("60")
             page.get_by_label("Eval every").fill("10")
             page.evaluate(
@@ -488,7 +489,7 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                     "Pad vocabulary",
                 ):
                     expect(page.get_by_label(label)).to_have_value("")
-                expect(page.get_by_role("combobox", name="Optimizer")).to_have_value("adamw")
+                expect(page.get_by_role("combobox", name="Optimizer")).to_have_value("muon")
                 if width < 480:
                     assert_no_sideways_scroll(page, width)  # the open section fits a phone
 
@@ -498,11 +499,11 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                 layers.fill("1")
                 page.get_by_label("Position encoding").select_option("rotary")
                 budget = {}
-                if width >= 480:  # Muon, for two minutes instead of the steps
-                    page.get_by_role("combobox", name="Optimizer").select_option("muon")
+                if width >= 480:  # AdamW alone, for two minutes instead of the steps
+                    page.get_by_role("combobox", name="Optimizer").select_option("adamw")
                     page.get_by_label("Or a time budget, minutes").fill("2")
                     expect(page.get_by_label("Steps")).to_be_disabled()
-                    budget = {"optimizer": "muon", "max_minutes": 2}
+                    budget = {"optimizer": "adamw", "max_minutes": 2}
                 with page.expect_response(
                     lambda response: (
                         response.url.endswith("/train-jobs") and response.request.method == "POST"
@@ -521,7 +522,7 @@ def test_playground_trains_a_chosen_shape(stack: Stack) -> None:
                 train = job_status(client, job_id)["spec"]["train"]
                 assert (train["n_layer"], train["position"]) == (1, "rotary"), train
                 assert train["n_head"] is None and train["norm"] is None, train
-                assert train["optimizer"] == budget.get("optimizer", "adamw"), train
+                assert train["optimizer"] == budget.get("optimizer", "muon"), train
                 assert train["max_minutes"] == budget.get("max_minutes"), train
 
                 # A width the heads do not divide: the API's refusal, shown in the page.

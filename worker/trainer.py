@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from contract.train import SHAPE_FIELDS, TrainConfig, TrainProgress
+from contract.train import LENGTHS, SHAPE_FIELDS, TrainConfig, TrainProgress
 from model.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from model.device import pick_device
 from model.evaluate import token_byte_lengths
@@ -53,8 +53,6 @@ from worker.optim import Optimizers, build_optimizers
 from worker.state import TrainState, has_state, load_state, save_state
 
 BEST = "best"
-# The settings a resumed run may change: how long it trains (its schedule stays, see _extend).
-RUN_LENGTH = {"max_steps", "max_tokens", "max_minutes"}
 # Dense bf16/fp16 peak FLOP/s per GPU, for MFU; GPUs not listed get no MFU figure.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -233,7 +231,7 @@ class Trainer:
         learning-rate schedule: the cosine still ends where it was planned to (in steps, or in
         minutes for a run whose schedule ran on the clock), and what follows runs at min_lr; a
         later resume of the same run keeps that."""
-        saved = TrainConfig(**{**TrainConfig().model_dump(), **state.config})
+        saved = TrainConfig.from_saved(state.config)
         decay_s = saved.decay_seconds()
         if decay_s is not None:
             self.config = self.config.model_copy(update={"lr_decay_minutes": decay_s / 60})
@@ -310,8 +308,7 @@ class Trainer:
     def _check_resumable(self, state: TrainState) -> bool:
         """Refuse a resume that would not continue the same run; True when it extends the run
         (only its length changed)."""
-        # A setting added since the run started is missing from its state: it ran with the default.
-        saved = {**TrainConfig().model_dump(), **state.config}
+        saved = TrainConfig.from_saved(state.config).model_dump()
         if self.config.lr_decay_steps is None and saved["lr_decay_steps"] is not None:
             # A run extended before keeps the schedule it was given then (see _extend).
             self.config = self.config.model_copy(update={"lr_decay_steps": saved["lr_decay_steps"]})
@@ -321,7 +318,8 @@ class Trainer:
             )
         given = self.config.model_dump()
         changed = {k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k)}
-        extended = bool(changed) and changed <= RUN_LENGTH
+        # A resumed run may change how long it trains (its schedule stays, see _extend).
+        extended = bool(changed) and changed <= set(LENGTHS)
         if changed and not extended:
             raise TrainError(
                 f"{self.run_dir} holds a run started with other settings "

@@ -450,7 +450,7 @@ function jobRequest(form) {
       eval_interval: integer("eval_interval"),
       eval_iters: 5,
       checkpoint_interval: integer("checkpoint_interval"),
-      ...(fields.get("optimizer") === "muon" ? { optimizer: "muon" } : {}),
+      optimizer: fields.get("optimizer"),
       ...modelOverrides(fields),
     },
   };
