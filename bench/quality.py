@@ -193,7 +193,7 @@ def main() -> None:
             "ours, GPT-2-style": slm_train(data_dir, work / "gpt2", minutes, GPT2_STYLE),
         }
         histories = {
-            name: json.loads((work / folder / "history.json").read_text())
+            name: json.loads((work / folder / "history.json").read_text())["evals"]
             for name, folder in (("ours", "ours"), ("ours, GPT-2-style", "gpt2"))
         }
         results = {"nanoGPT recipe": judged(nanogpt_model, work / "export-nanogpt", val_tokens)}
