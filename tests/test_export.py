@@ -49,6 +49,16 @@ TEXTS = [
 # Vocabulary
 
 
+def assert_same_logits(model: GPT, hf: torch.nn.Module) -> None:
+    """Our logits and the export's, for random windows of the full context, within 1e-4."""
+    idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    error = (ours - theirs).abs().max().item()
+    assert error < 1e-4, f"max |logit difference| {error:.2e}"
+
+
 def test_vocab_and_merges_rebuild_gpt2_files() -> None:
     vocab, merges = gpt2_vocab_and_merges()
     assert len(vocab) == 50257 and sorted(vocab.values()) == list(range(50257))
@@ -96,12 +106,7 @@ def test_hf_logits_match_ours(config: GPTConfig, tmp_path: Path) -> None:
     assert hf.config.bos_token_id == hf.config.eos_token_id == EOT
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
 
-    idx = torch.randint(0, config.vocab_size, (3, config.block_size))
-    with torch.no_grad():
-        ours, _ = model(idx)
-        theirs = hf(idx).logits
-    error = (ours - theirs).abs().max().item()
-    assert error < 1e-4, f"max |logit difference| {error:.2e}"
+    assert_same_logits(model, hf)
 
 
 def llama_style(**overrides: Any) -> GPTConfig:
@@ -162,12 +167,7 @@ def test_hf_llama_logits_and_greedy_tokens_match_ours(name: str, tmp_path: Path)
         model.transformer.h[0].mlp.c_fc.weight[: config.mlp_hidden],
     )
 
-    idx = torch.randint(0, config.vocab_size, (3, config.block_size))
-    with torch.no_grad():
-        ours, _ = model(idx)
-        theirs = hf(idx).logits
-    error = (ours - theirs).abs().max().item()
-    assert error < 1e-4, f"max |logit difference| {error:.2e}"
+    assert_same_logits(model, hf)
 
     prompt = "Once upon a time"
     ids = torch.tensor([tiktoken.get_encoding("r50k_base").encode(prompt)])

@@ -28,8 +28,7 @@ FAST = dict(
 
 def test_overrides_change_the_presets_network_and_none_keeps_it() -> None:
     assert TrainConfig(preset="tiny").model() == preset("tiny")
-    config = TrainConfig(
-        preset="tiny",
+    overrides = dict(
         n_layer=1,
         n_head=4,
         n_embd=96,
@@ -40,23 +39,10 @@ def test_overrides_change_the_presets_network_and_none_keeps_it() -> None:
         qk_norm=True,
         tie_embeddings=False,
         pad_vocab=True,
-        model_block_size=32,
         dropout=0.1,
     )
-    assert config.model() == preset("tiny").replace(
-        n_layer=1,
-        n_head=4,
-        n_embd=96,
-        bias=False,
-        position="rotary",
-        norm="rmsnorm",
-        activation="swiglu",
-        qk_norm=True,
-        tie_embeddings=False,
-        pad_vocab=True,
-        block_size=32,
-        dropout=0.1,
-    )
+    config = TrainConfig(preset="tiny", model_block_size=32, **overrides)
+    assert config.model() == preset("tiny").replace(block_size=32, **overrides)
     # Only what is given changes: the 50m preset keeps its 8 heads and 512 positions.
     assert TrainConfig(preset="50m", n_layer=2).model() == preset("50m", n_layer=2)
 
