@@ -110,7 +110,7 @@ def test_train_writes_a_checkpoint_that_generate_loads(train_data, tmp_path) -> 
     assert "finished at step 5/5" in longer.stdout
     other = slm("train", "--resume", run, "--max-steps", "6", "--lr", "0.1")
     assert other.returncode == 2
-    assert "takes no other options than --max-steps or --max-tokens" in other.stderr
+    assert "takes no other options than --max-steps, --max-tokens or --max-minutes" in other.stderr
 
 
 def test_bad_train_options_are_a_clear_error(train_data, tmp_path) -> None:
