@@ -316,7 +316,7 @@ def test_playground_in_a_browser(stack: Stack, tmp_path: Path) -> None:
             expect(jobs).to_contain_text("browser — stopped", timeout=5_000)
             page.get_by_role("button", name="Resume job").click()
             expect(jobs).not_to_contain_text("browser — stopped", timeout=5_000)
-            expect(page.locator("#job-status")).to_contain_text("finished", timeout=120_000)
+            expect(page.locator("#job-status")).to_contain_text("finished", timeout=240_000)
             expect(jobs).to_contain_text("browser — finished", timeout=5_000)
             statuses = page.evaluate("window.jobStatuses")
             assert not [text for text in statuses if "?" in text], statuses
