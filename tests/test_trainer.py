@@ -377,9 +377,9 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(train_data, tmp_path) ->
         for parameter in source.parameters():
             parameter.normal_(0.0, 0.3)  # far from any fresh initialisation
     path = save_checkpoint(tmp_path / "base", source, step=1234)
-    # A learning rate so small that one step leaves the weights where they started.
+    # Learning rates so small that one step leaves the weights where they started.
     result = train(
-        tiny(max_steps=1, lr=1e-8, min_lr=0, warmup_steps=0),
+        tiny(max_steps=1, lr=1e-8, min_lr=0, muon_lr=1e-8, warmup_steps=0),
         train_data,
         tmp_path / "ft",
         init_from=path,
