@@ -49,6 +49,10 @@ TEXTS = [
 # Vocabulary
 
 
+# llama.cpp's LLAMA_FTYPE_* for each GGUF type we write.
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+
+
 def assert_same_logits(model: GPT, hf: torch.nn.Module) -> None:
     """Our logits and the export's, for random windows of the full context, within 1e-4."""
     idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size))
@@ -416,8 +420,7 @@ def test_gguf_file(dtype: str, gguf_model: GPT, gguf_files: dict[str, Path]) -> 
     assert field(reader, "gpt2.block_count") == config.n_layer
     assert field(reader, "gpt2.attention.head_count") == config.n_head
     assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
-    file_type = {"f32": 0, "f16": 1, "q8_0": 7}[dtype]  # llama.cpp's LLAMA_FTYPE_*
-    assert field(reader, "general.file_type") == file_type
+    assert field(reader, "general.file_type") == FILE_TYPES[dtype]
 
     assert_gpt2_tokenizer(reader)
 
@@ -504,7 +507,7 @@ def test_gguf_llama_style_file(
     assert field(reader, f"{arch}.rope.freq_base") == 10000.0
     assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
     assert field(reader, f"{arch}.vocab_size") == 50257
-    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    assert field(reader, "general.file_type") == FILE_TYPES[dtype]
     if dtype == "f32":  # the tokenizer is written whatever the type (its checks are slow)
         assert_gpt2_tokenizer(reader)
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
