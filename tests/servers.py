@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract.broker import free_port, redis_answers
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_DB = 9  # tests use their own database on a shared Redis, and empty it first
+# Tests use their own database on a shared Redis, and empty it first; SLM_TEST_REDIS_DB picks
+# another, so two suites (two checkouts, two developers) can share one Redis.
+TEST_DB = int(os.environ.get("SLM_TEST_REDIS_DB", "9"))
 
 
 def redis_binary() -> str:
