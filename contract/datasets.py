@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from contract.jobs import NAME_PATTERN
+from contract.jobs import NAME_PATTERN, redact_url
 
 MANIFEST = "manifest.json"
 PREPARE_SOURCES = "hub:v2, hub:v1, a folder or file of stories, or an http(s) URL"
@@ -95,7 +95,7 @@ def _read(folder: Path) -> PreparedDataset | None:
         splits = manifest.splits.items()
         return PreparedDataset(
             name=folder.name,
-            source=manifest.source,
+            source=redact_url(manifest.source),  # one prepared before sources were redacted
             tokens={split: info.tokens for split, info in splits},
             stories={split: info.stories for split, info in splits},
             created_at=manifest.created_at,
@@ -113,10 +113,10 @@ def prepared_datasets(data_dir: Path) -> list[PreparedDataset]:
     return [dataset for folder in folders if (dataset := _read(folder)) is not None]
 
 
-def prepare_advice(data_dir: Path, name: str) -> str:
-    """How to prepare dataset ``name``, as a command that works."""
-    folder = Path(data_dir) / name
-    return f"`slm prepare --source SOURCE --out {folder}` (SOURCE: {PREPARE_SOURCES})"
+def prepare_advice(name: str) -> str:
+    """How to prepare dataset ``name``, as a command; its folder is named by its setting, since
+    clients read this and the server's paths are none of theirs."""
+    return f"`slm prepare --source SOURCE --out DATA_DIR/{name}` (SOURCE: {PREPARE_SOURCES})"
 
 
 def missing_dataset(data_dir: Path, name: str) -> str | None:
@@ -128,8 +128,8 @@ def missing_dataset(data_dir: Path, name: str) -> str | None:
         return None
     shown = ", ".join(names[:_NAMES_SHOWN]) + (", …" if len(names) > _NAMES_SHOWN else "")
     return (
-        f"data.dataset: no prepared dataset {name!r} under DATA_DIR ({data_dir}); prepared there: "
+        f"data.dataset: no prepared dataset {name!r} under DATA_DIR; prepared there: "
         f"{shown} (GET /datasets lists them). Name one of those, prepare {name!r} with "
-        f"{prepare_advice(data_dir, name)}, or give data.source (hub:v2, hub:v1 or an http(s) "
+        f"{prepare_advice(name)}, or give data.source (hub:v2, hub:v1 or an http(s) "
         f"URL) instead, which the worker prepares first"
     )

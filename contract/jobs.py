@@ -10,8 +10,10 @@ newest is also kept under ``LATEST_CHECKPOINT_KEY``, so a service that was down 
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -38,6 +40,10 @@ SOURCE_PATTERN = r"^(hub:v1|hub:v2|https?://[^\s]+)$"
 MAX_JOB_STEPS = 1_000_000
 MAX_JOB_BLOCK_SIZE = 2048
 MAX_TOKENS_PER_MICRO_BATCH = 1 << 18  # batch_size × block_size: 512 windows of 512
+# A checkpoint is a write of the whole model (and an announcement every service reloads): at
+# most one per MIN_JOB_CHECKPOINT_INTERVAL steps, and a bounded number kept on disk.
+MIN_JOB_CHECKPOINT_INTERVAL = 10
+MAX_JOB_KEEP_CHECKPOINTS = 20
 HISTORY_LIMIT = 500  # loss points kept in a job's meta; older ones are thinned, not dropped
 
 JOB_FUNCTION = "worker.jobs.train_job"
@@ -65,6 +71,22 @@ def index_key(queue: str) -> str:
 def run_key(queue: str, run: str) -> str:
     """The id of the job that last claimed run folder ``run``, so two live jobs never share it."""
     return f"slm:train-jobs:{queue}:run:{run}"
+
+
+def redact_url(source: str) -> str:
+    """``source`` as anyone may read it: an http(s) URL's user and password, and the values of
+    its query (signed URLs carry their token there), become ``***``; other sources are kept."""
+    if not source.startswith(("http://", "https://")):
+        return source
+    try:
+        parts = urlsplit(source)
+    except ValueError:  # not a URL after all: show none of it
+        return source.partition("://")[0] + "://***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = re.sub(r"=[^&]*", "=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _name_rule(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
@@ -131,6 +153,13 @@ class TrainJobSpec(BaseModel):
         description="fine-tune: start from the best (else latest) checkpoint of this run",
     )
 
+    def redacted(self) -> TrainJobSpec:
+        """The spec as the API shows it: data.source without its credentials (``redact_url``)."""
+        if self.data.source is None:
+            return self
+        data = self.data.model_copy(update={"source": redact_url(self.data.source)})
+        return self.model_copy(update={"data": data})
+
     @model_validator(mode="after")
     def _within_job_limits(self) -> TrainJobSpec:
         train = self.train
@@ -148,6 +177,18 @@ class TrainJobSpec(BaseModel):
                 f"train.batch_size × block size = {train.batch_size * block:,} tokens per "
                 f"micro-batch exceeds the job limit of {MAX_TOKENS_PER_MICRO_BATCH:,}; "
                 f"use grad_accum for larger batches"
+            )
+        interval = train.checkpoint_interval
+        if interval and not MIN_JOB_CHECKPOINT_INTERVAL <= interval <= MAX_JOB_STEPS:
+            raise ValueError(
+                f"train.checkpoint_interval must be 0 (at the end only) or from "
+                f"{MIN_JOB_CHECKPOINT_INTERVAL} to {MAX_JOB_STEPS:,} steps for a job, not "
+                f"{interval:,}"
+            )
+        if train.keep_checkpoints > MAX_JOB_KEEP_CHECKPOINTS:
+            raise ValueError(
+                f"train.keep_checkpoints may be at most {MAX_JOB_KEEP_CHECKPOINTS} for a job, "
+                f"not {train.keep_checkpoints:,}"
             )
         if self.init_from_run == self.run_name:
             raise ValueError("init_from_run must name another run (to continue one, resume it)")

@@ -5,7 +5,11 @@ Jobs are plain RQ jobs (so ``rq info`` and rq-dashboard show them), with JSON se
 ``worker``), the spec as the job's one argument and the progress in its meta. Beside RQ's keys
 the store keeps two of its own per queue (``contract.jobs.index_key`` and ``run_key``): an index
 of job ids by creation time, for a newest-first list, and a claim per run name, so two live jobs
-never train into one run folder.
+never train into one run folder. A run is claimed in the transaction that queues its job, so of
+two submissions of one run name at once exactly one is queued; the claim is released when its
+job ends (by the worker, or by a cancel), and a claim whose job is no longer active (a job whose
+worker died) counts as released. Who may train into a run folder at all is
+``contract.runs``'s rule; whether its model can be served, ``contract.capacity``'s.
 
 What a user sees as a job's ``state`` is derived from RQ's status and the progress the worker
 wrote (``job_state``): a job RQ failed without the worker reporting a failure lost its worker
@@ -18,14 +22,17 @@ The store raises its own errors (``JobStoreError``); it knows nothing of HTTP.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from contract.capacity import job_model_misfit
 from contract.datasets import missing_dataset
 from contract.jobs import (
     JOB_FUNCTION,
@@ -37,6 +44,7 @@ from contract.jobs import (
     run_key,
     stop_key,
 )
+from contract.runs import run_conflict
 from contract.settings import Settings
 
 ACTIVE_STATES = frozenset({"queued", "preparing", "training"})
@@ -44,6 +52,8 @@ RESUMABLE_STATES = frozenset({"failed", "abandoned", "stopped"})
 # RQ's words for a work horse that vanished: its worker was killed, or the horse itself was.
 _WORKER_LOST = ("AbandonedJobError", "Work-horse terminated unexpectedly")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Delete a run's claim only if ``job_id`` still holds it (a later job may hold it by now).
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 
 
 def train_queue(connection: redis.Redis, name: str) -> Queue:
@@ -64,6 +74,18 @@ class RunInUse(JobStoreError):
     pass
 
 
+class RunTaken(JobStoreError):
+    """The run folder is another job's, or holds checkpoints a new job may not touch."""
+
+
+class ModelDoesNotFit(JobStoreError):
+    """The job's model is over what the service would serve; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
 class JobNotActive(JobStoreError):
     pass
 
@@ -74,6 +96,11 @@ class JobNotResumable(JobStoreError):
 
 class DatasetNotPrepared(JobStoreError):
     pass
+
+
+def release_run(connection: redis.Redis, queue: str, run_name: str, job_id: str) -> None:
+    """Release ``run_name`` if ``job_id`` holds it: its job has ended."""
+    connection.eval(_RELEASE, 1, run_key(queue, run_name), job_id)
 
 
 def progress_of(job: Job) -> JobProgress:
@@ -192,9 +219,14 @@ class TrainJobs:
 
     # --- writing ---
 
-    def claim_run(self, run_name: str, job_id: str) -> None:
-        """Make ``job_id`` the holder of ``run_name``, unless another active job holds it
-        (RunInUse). WATCH makes check-and-set atomic against a concurrent claim."""
+    def _claim_and_queue(
+        self, run_name: str, job_id: str, new: bool, queue: Callable[[Pipeline], None]
+    ) -> None:
+        """Make ``job_id`` the holder of ``run_name`` and run ``queue``'s commands, in one
+        transaction: unless another active job holds the run (RunInUse) or the run folder is not
+        this job's to train into (RunTaken). WATCH makes check-and-set atomic against a
+        concurrent claim, and since a holder is queued with its claim, it is always there to be
+        asked whether it is active."""
         key = run_key(self.queue.name, run_name)
         with self.connection.pipeline() as pipeline:
             while True:
@@ -207,8 +239,12 @@ class TrainJobs:
                             f"run {run_name!r} is in use by the active job {holder_id}; stop it "
                             f"(DELETE /train-jobs/{holder_id}) or choose another run_name"
                         )
+                    conflict = run_conflict(self.settings.checkpoint_dir / run_name, job_id, new)
+                    if conflict is not None:
+                        raise RunTaken(conflict)
                     pipeline.multi()
                     pipeline.set(key, job_id)
+                    queue(pipeline)
                     pipeline.execute()
                     return
                 except redis.WatchError:
@@ -219,6 +255,9 @@ class TrainJobs:
         can see DATA_DIR's datasets (``contract.datasets.missing_dataset``), else
         DatasetNotPrepared. A source is the worker's to prepare."""
         self.reap_abandoned()
+        misfit = job_model_misfit(spec.train, self.settings)
+        if misfit is not None:
+            raise ModelDoesNotFit(*misfit)
         if spec.data.dataset is not None:
             problem = missing_dataset(self.settings.data_dir, spec.data.dataset)
             if problem is not None:
@@ -236,12 +275,12 @@ class TrainJobs:
                 PROGRESS_META_KEY: JobProgress(message="waiting for a worker").model_dump_json(),
             },
         )
-        self.claim_run(spec.run_name, job.id)
-        with self.connection.pipeline() as pipeline:
-            pipeline.multi()  # one transaction: queued and listed, or neither
+
+        def queue(pipeline: Pipeline) -> None:  # claimed, queued and listed, or none of them
             self.queue.enqueue_job(job, pipeline=pipeline)
             pipeline.zadd(self.index_key, {job.id: job.created_at.timestamp()})
-            pipeline.execute()
+
+        self._claim_and_queue(spec.run_name, job.id, True, queue)
         return _record(job, spec)
 
     def cancel_or_stop(self, record: TrainJobRecord) -> bool:
@@ -262,6 +301,7 @@ class TrainJobs:
             job.cancel()
             self.connection.expire(job.key, self.settings.job_retention_s)
             self.connection.delete(stop_key(job.id))
+            release_run(self.connection, self.queue.name, record.spec.run_name, job.id)
             return True
         return False
 
@@ -274,17 +314,17 @@ class TrainJobs:
                 f"job {job.id} is {record.state}; only failed, abandoned or stopped jobs can be "
                 f"resumed"
             )
-        self.claim_run(record.spec.run_name, job.id)
         job.meta[PROGRESS_META_KEY] = record.progress.model_copy(
             update={"state": "queued", "message": "resuming: waiting for a worker"}
         ).model_dump_json()
         job.started_at = job.ended_at = None
-        with self.connection.pipeline() as pipeline:
-            pipeline.multi()  # one transaction: the job is either back in the queue or untouched
+
+        def queue(pipeline: Pipeline) -> None:  # the job is either back in the queue or untouched
             pipeline.delete(stop_key(job.id))
             job.failed_job_registry.remove(job, pipeline=pipeline)
             job.finished_job_registry.remove(job, pipeline=pipeline)
             pipeline.persist(job.key)  # a finished or failed job was set to expire
             self.queue.enqueue_job(job, pipeline=pipeline)
-            pipeline.execute()
+
+        self._claim_and_queue(record.spec.run_name, job.id, False, queue)
         return _record(job, record.spec)

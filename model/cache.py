@@ -38,6 +38,12 @@ class KVCache:
         self.lengths = [0] * max_batch
         self.offsets = [0] * max_batch  # the position of each row's slot 0
 
+    @staticmethod
+    def row_bytes(config: GPTConfig, dtype: torch.dtype) -> int:
+        """What one row (one sequence) of the cache holds: keys and values of every layer, for
+        every position."""
+        return 2 * config.n_layer * config.block_size * config.n_embd * dtype.itemsize
+
     @property
     def max_batch(self) -> int:
         return len(self.lengths)

@@ -341,6 +341,15 @@ class BatchGenerator:
         self.cache.clear_row(len(self.rows))
         self.sampler.clear_row(len(self.rows))
 
+    def close(self) -> None:
+        """Drop every sequence and free the KV cache and the sampling state now, whoever still
+        holds this generator, so that a replacement can take their memory. Nothing decodes here
+        after this; ``config``, ``tokenizer``, ``window`` and ``encode_prompt`` still answer."""
+        self.rows, self.decoding = [], 0
+        dtype = self.cache.keys.dtype
+        self.cache = KVCache(self.config, 0, device=self.device, dtype=dtype)
+        self.sampler = BatchSampler(0, self.config.vocab_size, self.device)
+
     def _move_rows(self, source: slice, target: int) -> None:
         self.cache.move_rows(source, target)
         self.sampler.move_rows(source, target)

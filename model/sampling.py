@@ -54,6 +54,10 @@ NUCLEUS_CANDIDATES = 256
 # size). The OpenAI routes keep OpenAI's own defaults, which their clients expect.
 STORY_TEMPERATURE = 0.8
 STORY_TOP_K = 200
+# Temperatures below this are greedy decoding (vLLM's rule): dividing by one scales every
+# logit of a confident model past float32's range, where they all tie and the draw among them
+# would be uniform, the opposite of what a temperature near 0 asks for.
+GREEDY_BELOW = 1e-5
 
 _MASK32 = 0xFFFFFFFF
 _TWO_TO_MINUS_32 = 2.0**-32
@@ -62,8 +66,9 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens, when to stop, and what to report. ``temperature=0`` is greedy
-    decoding; ``max_new_tokens=0`` reads the prompt only (to score it with ``prompt_logprobs``)."""
+    """How to pick tokens, when to stop, and what to report. A temperature below GREEDY_BELOW
+    (0 included) is greedy decoding; ``max_new_tokens=0`` reads the prompt only (to score it
+    with ``prompt_logprobs``)."""
 
     max_new_tokens: int = 200
     temperature: float = 1.0
@@ -106,7 +111,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def filtered(self) -> bool:
@@ -218,7 +223,8 @@ class BatchSampler:
     ) -> None:
         """A sequence takes ``row``: its parameters, its seed, and the tokens it has so far."""
         self._params[row] = params
-        self.temperature[row] = _float32(params.temperature or 1.0)  # greedy never divides by it
+        # A greedy row never divides by its temperature.
+        self.temperature[row] = 1.0 if params.greedy else _float32(params.temperature)
         self.top_k[row] = min(params.top_k or 0, self.vocab_size)
         self.top_p[row] = params.top_p
         self.log_min_p[row] = math.log(params.min_p) if params.min_p > 0 else -math.inf
@@ -365,9 +371,9 @@ class BatchSampler:
         )
 
     def _scaled(self, logits: Tensor, rows: Tensor | slice) -> Tensor:
-        # Extreme but valid settings (a temperature of 1e-300 is 0 in float32, 1e300 is inf) can
-        # give inf or nan logits; clamped to the finite range, the draw goes to the best tokens,
-        # the limit those settings tend to.
+        # Extreme but valid settings (a temperature of 1e300 is inf in float32) can give inf or
+        # nan logits; clamped to the finite range, the draw goes to the best tokens, the limit
+        # those settings tend to.
         return torch.nan_to_num(logits / self.temperature[rows, None], nan=0.0)
 
     def _draw_from_vocabulary(self, scaled: Tensor, draw_keys: Tensor) -> Tensor:

@@ -5,6 +5,8 @@ runs the model. The decode thread loops: drop requests whose client left or whos
 passed, let waiting requests join the batch, then run one ``BatchGenerator.step`` per model: a
 bounded, batched prefill for the newcomers and one decode step for everyone already running.
 Each record goes back to the request's asyncio queue through ``loop.call_soon_threadsafe``.
+The thread supervises its own loop: a failure outside a step (out of memory, a bug) ends every
+request in the engine with ``Restarting`` and starts the loop again on rebuilt lanes.
 
 The engine knows nothing of HTTP: it raises ``EngineError``s (no model, prompt too long, busy
 with a retry-after, deadline passed, ...) and emits plain records (``TextPiece``s, then one
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contract.capacity import kv_cache_rows
 from contract.settings import Settings
 from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent, TokenLogprob
 from model.sampling import SamplingParams
@@ -46,6 +49,7 @@ from service.loaded import LoadedModel
 from service.metrics import (
     BATCH_SIZE,
     END_TO_END_LATENCY,
+    ENGINE_RESTARTS,
     GENERATED_TOKENS,
     GENERATIONS,
     INTER_TOKEN_LATENCY,
@@ -61,9 +65,13 @@ log = logging.getLogger("slm.engine")
 
 # A slot frees as soon as any running story ends, which on this model is a matter of seconds.
 RETRY_AFTER_S = 1
-# Shorter prompts are tokenized on the event loop (tens of microseconds): a thread hop per
-# request would cost more.
+# A request's prompts shorter than this in all are tokenized on the event loop (tens of
+# microseconds): a thread hop per request would cost more.
 INLINE_TOKENIZE_CHARS = 4096
+# After the decode loop itself fails, it starts again after 1 s, doubling to at most 30 s while
+# it keeps failing within a minute of each start (a fault that lasts, as memory that stays short).
+RESTART_DELAY_S = (1.0, 30.0)
+STABLE_AFTER_S = 60.0
 
 
 # --- what the engine raises -------------------------------------------------------------------
@@ -87,7 +95,7 @@ class UnknownModel(EngineError):
 
 class PromptRejected(EngineError):
     """The prompt is too long for this server or the model, or holds ids this model's
-    vocabulary lacks; or the request holds more prompts than the engine can ever queue."""
+    vocabulary lacks; or the request asks for more stories or tokens than one request may."""
 
 
 class Busy(EngineError):
@@ -108,6 +116,18 @@ class GenerationFailed(EngineError):
 
 class ShuttingDown(EngineError):
     """The engine stopped while the request was in it."""
+
+
+class Restarting(EngineError):
+    """The decode loop failed (out of memory, a bug: the server log says) and starts again by
+    itself; the request was in the engine then, or came before it was back."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(
+            "the generation engine failed and is restarting; retry in "
+            f"{retry_after_s:g} s (the server log says why)"
+        )
+        self.retry_after_s = max(1, round(retry_after_s))
 
 
 # --- what the engine emits --------------------------------------------------------------------
@@ -164,12 +184,12 @@ Record = PromptScores | TextPiece | Finish
 
 
 def no_model_message(settings: Settings) -> str:
-    folder = settings.checkpoint_dir
+    # Clients read this: the folder is named by its setting, not by its path on the server.
     return (
-        f"no model loaded yet: there is no valid checkpoint under {folder} (CHECKPOINT_DIR). "
-        f"Train one with `slm train --data DATA_DIR --out {folder}/RUN` or POST /train-jobs "
-        f"(or use the Train panel of the playground at /), "
-        f"or write an untrained one with `slm init --preset tiny --out {folder}/RUN`; "
+        "no model loaded yet: there is no valid checkpoint under CHECKPOINT_DIR. "
+        "Train one with `slm train --data DATA_DIR --out CHECKPOINT_DIR/RUN` or POST /train-jobs "
+        "(or use the Train panel of the playground at /), "
+        "or write an untrained one with `slm init --preset tiny --out CHECKPOINT_DIR/RUN`; "
         f"the service loads it within {settings.reload_poll_s:g} s."
     )
 
@@ -281,8 +301,10 @@ class Engine:
         self._waiting: deque[Generation] = deque()
         self._accepted = 0  # waiting + running: what admission control counts
         self._stopping = False
+        self._restart_in: float | None = None  # seconds, while the decode loop is down
         # The decode thread's own:
         self._lanes: list[Lane] = []
+        self._joining: list[Generation] = []  # taken from _waiting, not yet in a lane
         self._outbox: list[tuple[Generation, Record | EngineError]] = []
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
 
@@ -301,6 +323,12 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+
+    def check_running(self) -> None:
+        """Raise Restarting while the decode loop is down after a failure."""
+        restart_in = self._restart_in
+        if restart_in is not None:
+            raise Restarting(restart_in)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop decoding; requests still in the engine get ShuttingDown."""
@@ -334,9 +362,12 @@ class Engine:
             _forget_loaded(lane.loaded)
 
     def _generator(self, loaded: LoadedModel) -> BatchGenerator:
+        # As many rows as KV_CACHE_BYTES holds for this model (up to MAX_BATCH_SIZE): a long or
+        # wide model decodes fewer stories at once instead of taking gigabytes.
+        dtype = next(loaded.model.parameters()).dtype
         return BatchGenerator(
             loaded.model,
-            max_batch=self.settings.max_batch_size,
+            max_batch=kv_cache_rows(loaded.model.config, dtype, self.settings),
             quantization=self.settings.quantization,
             prefill_tokens=self.settings.prefill_tokens,
         )
@@ -352,22 +383,39 @@ class Engine:
         self, requests: list[tuple[str | list[int], SamplingParams]], run: str | None = None
     ) -> list[Generation]:
         """Queue stories on ``run``'s model (None: the default run), all or none: prompts are
-        text or token ids. Raises NoModel (the run is not loaded), PromptRejected (a prompt over
-        MAX_PROMPT_TOKENS, ids outside the vocabulary, a prompt to score longer than the
-        context, more prompts than the engine can queue) or Busy (the batch and the waiting
-        queue are full)."""
+        text or token ids. Raises NoModel (the run is not loaded), PromptRejected (more stories
+        than MAX_STORIES_PER_REQUEST or the engine can queue, a text over MAX_PROMPT_CHARS or
+        MAX_PROMPT_TOKENS, more tokens in all than MAX_REQUEST_TOKENS, ids outside the
+        vocabulary, a prompt to score longer than the context) or Busy (the batch and the
+        waiting queue are full). What needs no tokenizer is checked first, so a request refused
+        costs no encoding, and its places are claimed before it is encoded."""
         lane = self._serving.get(run or self._default or "")
         if lane is None:
             raise NoModel(
                 no_model_message(self.settings) if run is None else f"{run} is not loaded"
             )
-        capacity = self.settings.max_batch_size + self.settings.max_waiting
-        if len(requests) > capacity:
-            raise PromptRejected(
-                f"prompt: at most {capacity} completions (prompts × n) fit in one request "
-                "(MAX_BATCH_SIZE + MAX_WAITING)"
+        count = len(requests)
+        self._check_size(requests)
+        self._check_budget(sum(params.max_new_tokens for _, params in requests), count)
+        with self._cond:
+            self.check_running()
+            if self._accepted + count > self.settings.max_batch_size + self.settings.max_waiting:
+                raise Busy(
+                    f"the server is busy: {self.settings.max_batch_size} stories are being "
+                    f"written and {self.settings.max_waiting} are waiting; retry shortly",
+                    RETRY_AFTER_S,
+                )
+            self._accepted += count
+        try:
+            encoded = await self._encode(lane, requests)
+            prompt_tokens = sum(len(ids) for ids in encoded)
+            self._check_budget(
+                prompt_tokens + sum(params.max_new_tokens for _, params in requests), count
             )
-        encoded = [await self._encode(lane, prompt, params) for prompt, params in requests]
+        except BaseException:  # refused, or the client left while its prompts were encoded
+            with self._cond:
+                self._accepted -= count
+            raise
         now = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = now + self.settings.request_timeout_s
@@ -376,22 +424,53 @@ class Engine:
             for ids, (_, params) in zip(encoded, requests, strict=True)
         ]
         with self._cond:
-            if self._accepted + len(generations) > capacity:
-                raise Busy(
-                    f"the server is busy: {self.settings.max_batch_size} stories are being "
-                    f"written and {self.settings.max_waiting} are waiting; retry shortly",
-                    RETRY_AFTER_S,
-                )
-            self._accepted += len(generations)
             self._waiting.extend(generations)
             WAITING.set(len(self._waiting))
             self._cond.notify()
         return generations
 
+    def _check_size(self, requests: list[tuple[str | list[int], SamplingParams]]) -> None:
+        """The limits a request's size sets before any tokenizing: stories and characters."""
+        settings = self.settings
+        capacity = settings.max_batch_size + settings.max_waiting
+        limit, name = min(
+            (settings.max_stories_per_request, "MAX_STORIES_PER_REQUEST"),
+            (capacity, "MAX_BATCH_SIZE + MAX_WAITING"),
+        )
+        if len(requests) > limit:
+            raise PromptRejected(
+                f"prompt: {len(requests)} stories (prompts × n) is above this server's limit of "
+                f"{limit} in one request ({name})"
+            )
+        longest = max((len(p) for p, _ in requests if isinstance(p, str)), default=0)
+        if longest > settings.max_prompt_chars:
+            raise PromptRejected(
+                f"prompt: {longest} characters is above this server's limit of "
+                f"{settings.max_prompt_chars} (MAX_PROMPT_CHARS)"
+            )
+
+    def _check_budget(self, tokens: int, stories: int) -> None:
+        limit = self.settings.max_request_tokens
+        if tokens > limit:
+            raise PromptRejected(
+                f"prompt: {stories} stories of prompt and new tokens come to {tokens} tokens, "
+                f"above this server's limit of {limit} in one request (MAX_REQUEST_TOKENS)"
+            )
+
     async def _encode(
-        self, lane: Lane, prompt: str | list[int], params: SamplingParams
-    ) -> list[int]:
-        """A prompt's token ids, checked against this server's limits and the lane's model."""
+        self, lane: Lane, requests: list[tuple[str | list[int], SamplingParams]]
+    ) -> list[list[int]]:
+        """The prompts' token ids, checked against this server's limits and the lane's model.
+        Texts longer in all than INLINE_TOKENIZE_CHARS are encoded off the event loop."""
+
+        def encode() -> list[list[int]]:
+            return [self._token_ids(lane, prompt, params) for prompt, params in requests]
+
+        if sum(len(prompt) for prompt, _ in requests) <= INLINE_TOKENIZE_CHARS:
+            return encode()
+        return await asyncio.to_thread(encode)
+
+    def _token_ids(self, lane: Lane, prompt: str | list[int], params: SamplingParams) -> list[int]:
         generator = lane.generator
         if isinstance(prompt, list):
             vocab = generator.config.vocab_size
@@ -402,10 +481,8 @@ class Engine:
                     f"{lane.loaded.version} (ids 0 to {vocab - 1})"
                 )
             ids = prompt or [generator.tokenizer.eot_id]
-        elif len(prompt) <= INLINE_TOKENIZE_CHARS:
+        else:
             ids = generator.encode_prompt(prompt)
-        else:  # a prompt near the body limit takes tens of milliseconds: not on the loop
-            ids = await asyncio.to_thread(generator.encode_prompt, prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise PromptRejected(
                 f"prompt: {len(ids)} tokens is above this server's limit of "
@@ -432,34 +509,91 @@ class Engine:
     # --- the decode thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Decode until stopped, supervised: if the loop itself fails (out of memory outside a
+        step, a bug), every request in the engine gets Restarting instead of waiting for ever,
+        /ready answers 503, and the loop starts again on fresh lanes after a delay that grows
+        while the failures go on."""
         use_torch_threads(decode_threads(self.settings.decode_threads))
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not (self._stopping or self._waiting or self._running()):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    self._expire_waiting(time.perf_counter())
-                    free = self.settings.max_batch_size - self._running()
-                    joining = min(free, len(self._waiting))
-                    newcomers = [self._waiting.popleft() for _ in range(joining)]
-                    WAITING.set(len(self._waiting))
-                    # A run reloaded since a request arrived serves it from its newest model.
-                    lanes = [self._serving.get(g.lane.run, g.lane) for g in newcomers]
-                    serving = list(self._serving.values())
-                self._drop_leavers(time.perf_counter())
-                for generation, lane in zip(newcomers, lanes, strict=True):
-                    if lane not in self._lanes:
-                        self._lanes.append(lane)
-                    self._admit(generation, lane)
-                for each in self._lanes:
-                    self._step(each)
-                # A replaced or unloaded model's lane goes once its last story is done.
-                self._lanes = [each for each in self._lanes if each.running or each in serving]
-                RUNNING.set(self._running())
-                self._flush()
+        failures = 0
+        broken: list[Lane] = []
+        while True:
+            started = time.monotonic()
+            try:
+                with torch.inference_mode():
+                    self._decode(broken)
+                break
+            except Exception:
+                log.exception("the decode loop failed; failing its requests and restarting it")
+            # Out of the except block, whose traceback held the failed iteration's tensors.
+            ENGINE_RESTARTS.inc()
+            failures = 1 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
+            delay = min(RESTART_DELAY_S[0] * 2 ** (failures - 1), RESTART_DELAY_S[1])
+            broken = self._halt(broken, delay)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, delay):
+                    break
         self._fail_all(ShuttingDown("the server is shutting down"))
+
+    def _halt(self, broken: list[Lane], delay: float) -> list[Lane]:
+        """After the decode loop failed: new requests are refused for ``delay`` seconds, those
+        in the engine end with an error, and every lane's generator, in no known state now, is
+        closed; returns the lanes to build again before decoding goes on."""
+        with self._cond:
+            self._restart_in = delay
+        self._fail_all(Restarting(delay))
+        for lane in self._lanes:
+            lane.generator.close()
+        broken, self._lanes = [*broken, *self._lanes], []
+        return broken
+
+    def _decode(self, broken: list[Lane]) -> None:
+        """Build the ``broken`` lanes that still serve again (emptying the list), then decode
+        until stopped."""
+        while broken:
+            with self._cond:
+                serving = broken[0] in self._serving.values()
+            if serving:  # a lane since replaced or unloaded just goes
+                self._rebuild(broken[0])
+            broken.pop(0)
+        with self._cond:
+            self._restart_in = None
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._running()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._expire_waiting(time.perf_counter())
+                free = self.settings.max_batch_size - self._running()
+                joining = min(free, len(self._waiting))
+                self._joining = [self._waiting.popleft() for _ in range(joining)]
+                WAITING.set(len(self._waiting))
+                # A run reloaded since a request arrived serves it from its newest model.
+                lanes = [self._serving.get(g.lane.run, g.lane) for g in self._joining]
+                serving = list(self._serving.values())
+            self._drop_leavers(time.perf_counter())
+            full: list[Generation] = []  # their lane's KV cache has no free row yet
+            for generation, lane in zip(list(self._joining), lanes, strict=True):
+                if lane not in self._lanes:
+                    self._lanes.append(lane)
+                if not self._admit(generation, lane):
+                    full.append(generation)
+                self._joining.remove(generation)
+            if full:  # back at the head of the queue, in their order
+                with self._cond:
+                    self._waiting.extendleft(reversed(full))
+            for each in self._lanes:
+                self._step(each)
+            # A replaced or unloaded model's lane goes once its last story is done.
+            self._lanes = [each for each in self._lanes if each.running or each in serving]
+            RUNNING.set(self._running())
+            self._flush()
+
+    def _rebuild(self, lane: Lane) -> None:
+        """A fresh generator for ``lane``, its old KV cache freed first: a long model's cache
+        may fit only once (a failed step often means memory ran short already)."""
+        lane.generator.close()
+        lane.generator = self._generator(lane.loaded)
 
     def _send(self, generation: Generation, item: Record | EngineError) -> None:
         """Queue a record for the request's event loop; ``_flush`` hands it over."""
@@ -505,8 +639,11 @@ class Engine:
         )
         self._release(generation, "timeout")
 
-    def _admit(self, generation: Generation, lane: Lane) -> None:
-        """Queue a newcomer for the lane's next prefill."""
+    def _admit(self, generation: Generation, lane: Lane) -> bool:
+        """Queue a newcomer for the lane's next prefill; False, leaving it alone, while the
+        lane's KV cache has no free row (a long model's has fewer rows than MAX_BATCH_SIZE)."""
+        if not lane.generator.free_rows:
+            return False
         now = time.perf_counter()
         generation.lane = lane
         generation.admitted = now
@@ -516,10 +653,11 @@ class Engine:
         except ValueError as error:  # a token this checkpoint's vocabulary does not have
             self._send(generation, PromptRejected(f"prompt: {error}"))
             self._release(generation, "error")
-            return
+            return True  # answered: it leaves the queue
         PROMPT_TOKENS.labels(lane.run).inc(len(generation.prompt))
         generation.sequence, generation.version = sequence, lane.loaded.version
         lane.running[sequence.id] = generation
+        return True
 
     def _step(self, lane: Lane) -> None:
         if not lane.running:
@@ -528,14 +666,17 @@ class Engine:
         try:
             events = lane.generator.step()
         except Exception:
-            # Nothing in the batch can be trusted after a failed forward: end its stories with
-            # an error and start the lane afresh, so later requests still get served.
             log.exception("generation step failed on %s", lane.loaded.version)
+            events = None
+        if events is None:
+            # Nothing in the batch can be trusted after a failed forward: end its stories with
+            # an error and start the lane afresh, so later requests still get served. (Out of
+            # the except block: its traceback holds the forward's views of the old cache.)
             for generation in lane.running.values():
                 self._send(generation, GenerationFailed("generation failed; see the server log"))
                 self._release(generation, "error")
             lane.running.clear()
-            lane.generator = self._generator(lane.loaded)
+            self._rebuild(lane)
             return
         now = time.perf_counter()
         for event in events:
@@ -600,8 +741,11 @@ class Engine:
 
     def _fail_all(self, error: EngineError) -> None:
         with self._cond:
-            leaving = [*self._waiting, *(g for lane in self._lanes for g in lane.running.values())]
+            running = (g for lane in self._lanes for g in lane.running.values())
+            # dict.fromkeys: one that failed while joining a lane may be in it already.
+            leaving = list(dict.fromkeys([*self._waiting, *self._joining, *running]))
             self._waiting.clear()
+            self._joining = []
             for lane in self._lanes:
                 lane.running.clear()
             for generation in leaving:

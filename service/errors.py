@@ -19,6 +19,7 @@ from service.engine import (
     GenerationFailed,
     NoModel,
     PromptRejected,
+    Restarting,
     ShuttingDown,
     UnknownModel,
 )
@@ -58,7 +59,7 @@ _DESCRIPTIONS = {
     400: "the body could not be read (not UTF-8, or nested too deeply)",
     408: "the request body did not arrive within BODY_TIMEOUT_S",
     401: "missing or wrong API key",
-    403: "admin routes are disabled (no API_KEY set)",
+    403: "without API_KEY, a client not on the server's machine (or a foreign Host header)",
     404: "no such resource",
     409: "conflicts with the resource's state",
     413: "request body larger than MAX_BODY_BYTES",
@@ -105,6 +106,8 @@ def from_engine(error: EngineError) -> ApiError:
             return ApiError(404, error.message, param="model", code="model_not_found")
         case Busy():
             return ApiError(429, error.message, headers={"Retry-After": str(error.retry_after_s)})
+        case Restarting():
+            return ApiError(503, error.message, headers={"Retry-After": str(error.retry_after_s)})
         case DeadlinePassed():
             return ApiError(504, error.message)
         case NoModel() | ShuttingDown():
@@ -154,9 +157,11 @@ def describe_validation(error: RequestValidationError) -> tuple[str, str | None]
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        # Messages may name files (a checkpoint that did not load); clients see no server paths.
+        message = request.app.state.settings.redact(error.message)
         return error_response(
-            error.status, error.message, param=error.param, code=error.code, headers=error.headers
+            error.status, message, param=error.param, code=error.code, headers=error.headers
         )
 
     @app.exception_handler(EngineError)

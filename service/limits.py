@@ -8,6 +8,9 @@ error.
   ever. The clock stops once the body is complete: a stream's later wait for the client to
   disconnect is not bounded by it.
 - Type (415): a body must be JSON (``require_json``, a dependency of the routes that take one).
+- A stream's reader (``event_stream``): a client that stops reading is dropped once one send has
+  waited STREAM_SEND_TIMEOUT_S, and its story leaves the batch, so a socket nobody reads holds
+  no slot. What waits for it meanwhile is bounded by the story's length (MAX_NEW_TOKENS).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import asyncio
 import email.message
 import json
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_body
@@ -101,6 +106,13 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """The SSE answer of every streaming route. Closing ``events`` on a send timeout ends its
+    generations (``Generation.records`` cancels them as it closes)."""
+    timeout = request.app.state.settings.stream_send_timeout_s
+    return EventSourceResponse(events, send_timeout=timeout)
 
 
 async def require_json(request: Request) -> None:

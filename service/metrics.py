@@ -40,6 +40,9 @@ LOADED_MODEL = Gauge(
     "1 for each checkpoint serving new requests: its run, version and training step",
     ["model", "version", "step"],
 )
+ENGINE_RESTARTS = Counter(
+    "slm_engine_restarts_total", "Times the decode loop failed outside a step and started again"
+)
 RELOADS = Counter("slm_reloads_total", "Checkpoint reload attempts by outcome", ["outcome"])
 GENERATIONS = Counter(
     "slm_generations_total",

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationInf
 
 from contract.settings import Settings
 from model.sampling import SamplingParams
-from service.schemas import SamplingRequest, Usage
+from service.schemas import SamplingRequest, Usage, ValidUnicode, valid_unicode
 
 
 class StreamOptions(BaseModel):
@@ -56,7 +56,7 @@ TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 class CompletionRequest(OpenAISampling):
     """OpenAI's legacy completions request, as vLLM answers it."""
 
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+    prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], ValidUnicode] = Field(
         "",
         description="a text, a list of texts, a list of token ids, or a list of such lists: "
         "one completion (n with n) per prompt, indexed in order",
@@ -140,6 +140,14 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_unicode(
+        cls, content: str | list[TextPart] | None
+    ) -> str | list[TextPart] | None:
+        valid_unicode([part.text for part in content] if isinstance(content, list) else content)
+        return content
 
     @property
     def text(self) -> str:

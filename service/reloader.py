@@ -10,7 +10,8 @@ first). The default run is loaded at start and whenever another run becomes the 
 ``check`` asks ``model.checkpoint`` for the latest checkpoint of the default run and of every
 loaded run; any that is not the one serving is loaded and validated in a worker thread (never on
 the event loop) and handed to the engine, which serves new requests from it while streams in
-flight finish on the old one. A checkpoint that fails to load is logged, counted
+flight finish on the old one. A checkpoint that fails to load, or whose model is larger than
+this server serves (``contract.capacity``), is logged, counted
 (``slm_reloads_total{outcome="rejected"}``) and remembered, so it is refused once, not at every
 poll, and the old model keeps serving.
 
@@ -37,6 +38,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from contract.broker import connect_async
+from contract.capacity import check_model
 from contract.jobs import (
     CHECKPOINT_CHANNEL,
     LATEST_CHECKPOINT_KEY,
@@ -45,10 +47,12 @@ from contract.jobs import (
 )
 from contract.settings import Settings
 from model.checkpoint import (
+    DTYPES,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     newest_checkpoint,
+    read_meta,
     run_checkpoints,
 )
 from model.device import pick_device
@@ -94,7 +98,7 @@ class Reloader:
         self.engine = engine
         self._lock = asyncio.Lock()  # one check or load at a time, whoever asks
         self._serving: dict[str, _Seen] = {}  # by run: the checkpoint it serves from
-        self._rejected: set[_Seen] = set()
+        self._rejected: dict[_Seen, str] = {}  # why each was refused
         self._used: OrderedDict[str, None] = OrderedDict()  # loaded runs, least recent first
         self._default: str | None = None  # the run that saved last
         self._tasks: list[asyncio.Task[None]] = []
@@ -103,7 +107,7 @@ class Reloader:
         """Load what is there now, then keep watching (poll, and Redis when configured)."""
         report = await self._check_safely("startup")
         if report is not None and report.outcome == "no_checkpoint":
-            log.warning(no_model_message(self.settings))
+            log.warning("%s (CHECKPOINT_DIR: %s)", no_model_message(self.settings), self._root)
         self._tasks.append(asyncio.create_task(self._poll(), name="slm-reload-poll"))
         if self.settings.redis_url:
             self._tasks.append(asyncio.create_task(self._listen(), name="slm-reload-redis"))
@@ -148,7 +152,7 @@ class Reloader:
             seen = None
         if seen is None:
             raise UnknownModel(
-                f"model: no run {run!r} with a checkpoint under {self._root}; "
+                f"model: no run {run!r} with a checkpoint under CHECKPOINT_DIR; "
                 "GET /v1/models lists the runs"
             )
         error = await self._swap_in(run, seen)
@@ -172,7 +176,7 @@ class Reloader:
     async def _check(self) -> ReloadReport:
         newest, latest = await asyncio.to_thread(self._find, list(self.engine.models))
         if newest is None:
-            return self._report("no_checkpoint", f"no checkpoint under {self._root}")
+            return self._report("no_checkpoint", "no checkpoint under CHECKPOINT_DIR")
         run = newest.path.parent.name
         for other, seen in latest.items():  # the other loaded runs: their outcome is logged
             if other != run and (error := await self._swap_in(other, seen)):
@@ -197,13 +201,13 @@ class Reloader:
         if seen == self._serving.get(run):
             return None
         if seen in self._rejected:
-            return "its checkpoint was refused before"
+            return f"its checkpoint was refused before: {self._rejected[seen]}"
         version = version_of(seen.path)
         try:
             await asyncio.to_thread(self._load, seen.path, version, default or run == self._default)
         except (CheckpointError, OSError, ValueError, RuntimeError) as error:
             # A checkpoint is untrusted input: whatever is wrong with it, refuse it and go on.
-            self._rejected.add(seen)
+            self._rejected[seen] = str(error)
             RELOADS.labels("rejected").inc()
             return str(error)
         self._serving[run] = seen
@@ -240,6 +244,11 @@ class Reloader:
 
     def _load(self, path: Path, version: str, default: bool) -> LoadedModel:
         use_torch_threads(1)
+        # A checkpoint's metadata says its shape: one larger than this server serves is refused
+        # before any of its weights, or its KV cache, is allocated (contract.capacity). Read as
+        # the load below reads it, through the run folder.
+        meta = read_meta(path.parent)
+        check_model(meta.config, DTYPES[meta.dtype], self.settings)
         # Through the run folder, not the metadata path: if the trainer's retention deletes this
         # checkpoint mid-load, load_checkpoint then follows the manifest to its successor.
         model, meta = load_checkpoint(path.parent, device=pick_device(self.settings.device))
@@ -252,6 +261,8 @@ class Reloader:
 
     def _report(self, outcome: ReloadOutcome, message: str) -> ReloadReport:
         serving = self.engine.model
+        # The admin route answers with it: a refused checkpoint's error names no server path.
+        message = self.settings.redact(message)
         return ReloadReport(
             outcome=outcome, model=serving.version if serving else None, message=message
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -25,17 +26,55 @@ from pydantic import (
 
 from contract.settings import Settings
 from model.generate import FinishReason, TokenLogprob
-from model.sampling import MAX_SEED, STORY_TEMPERATURE, STORY_TOP_K, SamplingParams
+from model.sampling import (
+    GREEDY_BELOW,
+    MAX_SEED,
+    STORY_TEMPERATURE,
+    STORY_TOP_K,
+    SamplingParams,
+)
 from model.tokenizer import Tokenizer, get_tokenizer
 from service.engine import Finish, TextPiece
 from service.errors import ApiError
+
+# ---------------------------------------------------------------------------------------------
+# Text a request sends
+
+
+def valid_unicode(value: Any) -> Any:
+    """``value`` (a text, or a list of texts and other things), if every text in it is Unicode.
+    JSON can spell half of a UTF-16 pair (``"\\ud800"``), which is no character: it cannot be
+    written back as UTF-8 (an echoed prompt's answer was a 500), and a tokenizer reads it only
+    by replacing it."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as error:
+            code = ord(value[error.start])
+            raise ValueError(
+                f"a lone surrogate (U+{code:04X}) at character {error.start} is not text: "
+                "send valid Unicode"
+            ) from None
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            try:
+                valid_unicode(item)
+            except ValueError as error:
+                raise ValueError(f"item {index}: {error}") from None
+    return value
+
+
+# Every request field that takes text a client wrote (prompts, stop strings, messages) uses it.
+ValidUnicode = AfterValidator(valid_unicode)
 
 # ---------------------------------------------------------------------------------------------
 # The sampling fields every generation API shares
 
 # The fields whose default differs by API: each type with its bounds and description, declared
 # once here; the request models give the defaults.
-Temperature = Annotated[float, Field(ge=0, description="0 is greedy decoding")]
+Temperature = Annotated[
+    float, Field(ge=0, description=f"below {GREEDY_BELOW:g} (0 included) is greedy decoding")
+]
 TopK = Annotated[
     int | None, Field(ge=0, description="keep the k most likely tokens; 0 or null: off")
 ]
@@ -80,7 +119,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(
         0.0, ge=-2, le=2, description="subtracted once per time a token was generated"
     )
-    stop: str | list[str] | None = Field(
+    stop: Annotated[str | list[str] | None, ValidUnicode] = Field(
         None,
         description="end before the first of these: one string or a list (at most "
         "MAX_STOP_STRINGS)",
@@ -167,7 +206,7 @@ class GenerateRequest(SamplingRequest):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(
+    prompt: Annotated[str, ValidUnicode] = Field(
         "",
         description="the story's beginning; empty starts a new story. At most MAX_PROMPT_TOKENS "
         "tokens (422 above); of a prompt longer than the model's context, the model reads the "
@@ -318,8 +357,9 @@ def finished_fields(finish: Finish) -> dict[str, object]:
 
 class Readiness(BaseModel):
     ready: Literal[True] = True
-    model: str = Field(description="the version serving new requests")
-    step: int = Field(description="its training step")
+    # Run names are the key's when API_KEY is set: a client without it reads only `ready`.
+    model: str | None = Field(None, description="the version serving new requests")
+    step: int | None = Field(None, description="its training step")
 
 
 ReloadOutcome = Literal["loaded", "unchanged", "rejected", "no_checkpoint"]

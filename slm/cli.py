@@ -617,11 +617,26 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.auth import is_loopback_name
+    from service.connections import bounded_protocol
 
     # The service's own loggers (reloads, engine errors) at the level uvicorn's use.
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    app = create_app()
+    if app.state.settings.api_key is None and not is_loopback_name(args.host):
+        logging.getLogger("slm.service").warning(
+            "listening on %s with no API_KEY: anyone who reaches this port can generate stories "
+            "(training stays loopback-only); set API_KEY to require a key",
+            args.host,
+        )
     # One process: the engine batches every request on one copy of the model.
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=bounded_protocol(app.state.settings),  # MAX_CONNECTIONS, HEADER_TIMEOUT_S
+    )
     return 0
 
 

@@ -1,15 +1,18 @@
 """Real servers for tests: a Redis (the one on 127.0.0.1:6379 when it answers, else one started
-here) and the API under uvicorn in a subprocess, talked to over a socket."""
+here), the API under uvicorn in a subprocess, talked to over a socket, and the whole `slm up`;
+and what /proc says of the processes they start."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract.broker import free_port, redis_answers
 
 REPO = Path(__file__).resolve().parents[1]
-# Tests use their own database on a shared Redis, and empty it first; SLM_TEST_REDIS_DB picks
-# another, so two suites (two checkouts, two developers) can share one Redis.
+# Tests use their own databases on a shared Redis (this one, and the next for train jobs:
+# tests/workers.py), and empty them first; SLM_TEST_REDIS_DB picks others, so two suites (two
+# checkouts, two developers) can share one Redis.
 TEST_DB = int(os.environ.get("SLM_TEST_REDIS_DB", "9"))
 
 
@@ -95,20 +99,30 @@ class ApiServer:
 
 @contextmanager
 def api_server(
-    env: dict[str, str], workdir: Path, ready_path: str = "/openapi.json", *, cli: bool = False
+    env: dict[str, str],
+    workdir: Path,
+    ready_path: str = "/openapi.json",
+    *,
+    cli: bool = False,
+    host: str = "127.0.0.1",
+    script: str | None = None,
 ):
     """``uvicorn service.app:create_app --factory`` (``slm serve`` with ``cli``) on a free port,
     configured by ``env`` (on top of this process's environment); yields once ``ready_path``
-    answers."""
+    answers. ``host`` 0.0.0.0 listens on every interface too (for clients from the network);
+    the base URL stays loopback's. ``script``, Python run with ``-c`` and given the same
+    arguments, starts the server instead (one with a fault of its own, say)."""
     port = free_port()
     log = workdir / f"api-{port}.log"
-    if cli:  # the console script pip installed beside this interpreter
+    if script is not None:
+        program = [sys.executable, "-c", script]
+    elif cli:  # the console script pip installed beside this interpreter
         program = [str(Path(sys.executable).with_name("slm")), "serve"]
     else:
         program = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*program, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            [*program, "--host", host, "--port", str(port), "--log-level", "warning"],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=sink,
@@ -180,3 +194,91 @@ def write_checkpoint(run_dir: Path, seed: int = 0, step: int = 1) -> str:
 
     meta_path = save_checkpoint(run_dir, sharp_model(preset("tiny"), seed=seed), step=step)
     return f"{run_dir.name}/{meta_path.stem}"
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+    checkpoint_dir: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_stack(root: Path, data: Path, port: int | None = None) -> Stack:
+    """`slm up` with its own folders under ``root`` (``data`` as the dataset ``stories``), the
+    embedded Redis and no API key, on ``port`` (default: a free one), once /health answers."""
+    checkpoints = root / "checkpoints"
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "stories").symlink_to(data)
+    port = port or free_port()
+    env = {**os.environ, "CHECKPOINT_DIR": str(checkpoints), "DATA_DIR": str(data_dir)}
+    env["RELOAD_POLL_S"] = "1"
+    for name in ("REDIS_URL", "API_KEY"):  # the embedded default, open routes
+        env.pop(name, None)
+    log = root / "up.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "slm.cli", "up", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    stack = Stack(process, f"http://127.0.0.1:{port}", log, checkpoints)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"slm up exited with {process.returncode}:\n{stack.output()}")
+        try:
+            return httpx.get(stack.base_url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, 90, "slm up to serve /health")
+    return stack
+
+
+def stop_stack(stack: Stack) -> int:
+    if stack.process.poll() is None:
+        stack.process.send_signal(signal.SIGINT)
+    try:
+        return stack.process.wait(60)
+    except subprocess.TimeoutExpired:
+        stack.process.kill()
+        stack.process.wait()
+        raise
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes ``pid`` started, and theirs, down the tree."""
+    found, parents = set(), [pid]
+    while parents:
+        children = children_of(parents.pop())
+        found |= children
+        parents.extend(children)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

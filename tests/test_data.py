@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import alive, children_of
 
 import worker.data.encoding
 from slm.cli import build_parser
@@ -351,27 +352,6 @@ def start_slow_prepare(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, P
     return run, source, out
 
 
-def children_of(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_a_killed_run_leaves_no_manifest_no_workers_and_a_rerun_finishes(tmp_path) -> None:
     run, source, out = start_slow_prepare(tmp_path)
     workers = children_of(run.pid)
@@ -441,7 +421,7 @@ class StoryServer(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server(tmp_path, monkeypatch) -> Iterator[StoryServer]:
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("ALLOWED_DATA_HOSTS", "127.0.0.1")  # a local server, on purpose
     httpd = StoryServer(("127.0.0.1", 0), StoryHandler)
     httpd.root, httpd.ranges = tmp_path / "served", []
     write_stories(httpd.root / "stories.txt", synthetic_stories(300))

@@ -55,7 +55,8 @@ def tool(name: str) -> str:
 
 # Variables the compose file reads; each test starts from none of them set.
 COMPOSE_VARIABLES = re.compile(
-    r"^(API_KEY|API_PORT|QUEUE_NAME|SLM_.*|WORKER_.*|CUDA_IMAGE|TORCH_.*|DEVICE|QUANTIZATION|"
+    r"^(API_KEY|API_BIND|API_PORT|PUBLIC_STATUS|QUEUE_NAME|SLM_.*|WORKER_.*|CUDA_IMAGE|TORCH_.*|"
+    r"DEVICE|QUANTIZATION|"
     r"MAX_.*|DECODE_THREADS|REQUEST_TIMEOUT_S|BODY_TIMEOUT_S|RELOAD_POLL_S|JOB_TIMEOUT_S|COMPOSE_.*)$"
 )
 
@@ -142,10 +143,11 @@ def test_api_mounts_the_same_checkpoints_and_data_read_only(config):
     assert api[DATA_DIR] == ("data", "ro")  # GET /datasets; a job's dataset checked at submit
 
 
-def test_api_publishes_port_8000_configurable_from_the_host(config):
-    assert config["services"]["api"]["ports"] == [{"published": 8000, "target": 8000}]
-    moved = resolved(API_PORT="9000")["services"]["api"]["ports"]
-    assert moved == [{"published": 9000, "target": 8000}]
+def test_api_publishes_port_8000_on_the_hosts_loopback_only(config):
+    """Without API_KEY the API is open to whoever reaches the port: by default, only this host."""
+    assert config["services"]["api"]["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    moved = resolved(API_BIND="0.0.0.0", API_PORT="9000")["services"]["api"]["ports"]
+    assert moved == ["0.0.0.0:9000:8000/tcp"]
 
 
 @pytest.mark.parametrize("service", ["worker", "api"])

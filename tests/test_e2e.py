@@ -11,18 +11,22 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from servers import REPO, free_port, metric, sse_events, wait_for, write_checkpoint
+from servers import (
+    Stack,
+    metric,
+    sse_events,
+    start_stack,
+    stop_stack,
+    wait_for,
+    write_checkpoint,
+)
 from weights import sharp_model
 
 from model import preset
@@ -46,61 +50,6 @@ JOB = {
         "checkpoint_interval": 25,
     },
 }
-
-
-@dataclass
-class Stack:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log: Path
-    checkpoint_dir: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_stack(root: Path, data: Path) -> Stack:
-    checkpoints = root / "checkpoints"
-    data_dir = root / "data"
-    data_dir.mkdir()
-    (data_dir / "stories").symlink_to(data)
-    port = free_port()
-    env = {**os.environ, "CHECKPOINT_DIR": str(checkpoints), "DATA_DIR": str(data_dir)}
-    env["RELOAD_POLL_S"] = "1"
-    for name in ("REDIS_URL", "API_KEY"):  # the embedded default, open routes
-        env.pop(name, None)
-    log = root / "up.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "slm.cli", "up", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    stack = Stack(process, f"http://127.0.0.1:{port}", log, checkpoints)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"slm up exited with {process.returncode}:\n{stack.output()}")
-        try:
-            return httpx.get(stack.base_url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(answers, 90, "slm up to serve /health")
-    return stack
-
-
-def stop_stack(stack: Stack) -> int:
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGINT)
-    try:
-        return stack.process.wait(60)
-    except subprocess.TimeoutExpired:
-        stack.process.kill()
-        stack.process.wait()
-        raise
 
 
 @pytest.fixture(scope="module")

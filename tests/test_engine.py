@@ -168,7 +168,7 @@ def test_beyond_the_batch_and_the_queue_requests_get_429_with_retry_after(start_
 
 
 def test_a_story_past_its_deadline_ends_with_504(start_engine) -> None:
-    engine = start_engine(request_timeout_s=0.05)
+    engine = start_engine(request_timeout_s=0.05, max_request_tokens=200_000)
 
     async def scenario() -> None:
         never_ending = SamplingParams(max_new_tokens=100_000, temperature=0)

@@ -35,7 +35,7 @@ from servers import (
 from contract.jobs import CHECKPOINT_CHANNEL, CheckpointAnnouncement
 from model.checkpoint import MANIFEST, load_checkpoint
 
-KEY = "fault-key"
+KEY = "fault-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -81,7 +81,7 @@ class Streams:
 
 
 def serving(server: ApiServer) -> str | None:
-    with server.client(timeout=5) as client:
+    with server.client(timeout=5, headers=AUTH) as client:
         ready = client.get("/ready")
     return ready.json()["model"] if ready.status_code == 200 else None
 
@@ -188,7 +188,7 @@ def test_a_writer_killed_mid_checkpoint_never_gets_a_partial_one_served(tmp_path
         manifest = json.loads((run_dir / MANIFEST).read_text())["name"]
         wait_for(lambda: serving(server) == f"run-w/{manifest}", 10, "the last whole checkpoint")
         with server.client() as client:
-            metrics = client.get("/metrics").text
+            metrics = client.get("/metrics", headers=AUTH).text
     assert 'slm_reloads_total{outcome="rejected"}' not in metrics, "a partial file was loaded"
     assert s.failures == [], s.failures[:3]
     assert s.done > 0

@@ -32,7 +32,7 @@ from servers import ApiServer, api_server, write_checkpoint
 
 from service.app import create_app
 
-KEY = "fuzz-key"
+KEY = "fuzz-key-for-tests"
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 CHECKS = [
     not_a_server_error,

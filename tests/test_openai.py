@@ -8,7 +8,7 @@ import openai
 import pytest
 from servers import ApiServer, api_server, write_checkpoint
 
-KEY = "sdk-key"
+KEY = "sdk-key-for-tests"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from servers import ApiServer, api_server, metric, sse_events, wait_for, write_c
 
 from contract.jobs import CHECKPOINT_CHANNEL, CheckpointAnnouncement
 
-KEY = "admin-key"
+KEY = "admin-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -38,7 +38,7 @@ def server(root, redis_url, tmp_path_factory) -> ApiServer:
 
 def serving(server: ApiServer) -> str:
     with server.client() as client:
-        return client.get("/ready").json()["model"]
+        return client.get("/ready", headers=AUTH).json()["model"]
 
 
 def story(server: ApiServer, max_new_tokens: int, started: threading.Event | None = None) -> dict:
@@ -60,7 +60,7 @@ def story(server: ApiServer, max_new_tokens: int, started: threading.Event | Non
 
 def reloads(server: ApiServer, outcome: str) -> float:
     with server.client() as client:
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=AUTH).text
     return metric(text, f'slm_reloads_total{{outcome="{outcome}"}}', missing=0.0)
 
 

@@ -16,7 +16,7 @@ from servers import api_server, metric, sse_events, wait_for, write_checkpoint
 
 from contract.jobs import CHECKPOINT_CHANNEL, CheckpointAnnouncement
 
-KEY = "runs-key"
+KEY = "runs-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -72,7 +72,7 @@ def test_requests_pick_their_run_and_the_newest_answers_otherwise(two_runs, tmp_
             )
             assert response.status_code == 404, unknown
             assert response.json()["error"]["code"] == "model_not_found"
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=AUTH).text
     assert metric(metrics, 'slm_generated_tokens_total{model="run-a"}') >= 5
     assert metric(metrics, 'slm_generated_tokens_total{model="run-b"}') >= 3
     assert metric(metrics, f'slm_loaded_model{{model="run-a",step="1",version="{old}"}}') == 1

@@ -60,6 +60,13 @@ def test_temperature_sharpens_and_flattens() -> None:
     assert hot[3] / 2000 == pytest.approx(0.19, abs=0.03)
 
 
+@pytest.mark.parametrize("filters", [{}, {"top_k": 3}, {"top_p": 0.99}])
+def test_a_temperature_near_zero_is_greedy(filters) -> None:
+    # Divided by 1e-40, every positive logit passes float32's range; they would all tie.
+    logits = torch.tensor([1.0, 0.5, 3.0, 2.0])
+    assert draw(SamplingParams(temperature=1e-40, **filters), logits, n=200) == Counter({2: 200})
+
+
 def test_top_k_keeps_only_the_k_best_in_proportion() -> None:
     counts = draw(SamplingParams(top_k=2), n=4000)
     assert set(counts) == {0, 1}

@@ -18,7 +18,7 @@ from servers import (
     write_checkpoint,
 )
 
-KEY = "test-key"
+KEY = "service-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun", "Lily and her mom went to"]
 
@@ -55,18 +55,18 @@ def stream(client: httpx.Client, body: dict[str, Any]) -> tuple[list[dict], dict
 
 
 def running_requests(client: httpx.Client) -> float:
-    return metric(client.get("/metrics").text, "slm_running_requests")
+    return metric(client.get("/metrics", headers=AUTH).text, "slm_running_requests")
 
 
 def cancelled_generations(client: httpx.Client) -> float:
     sample = 'slm_generations_total{model="run-a",reason="cancelled"}'
-    return metric(client.get("/metrics").text, sample, missing=0.0)
+    return metric(client.get("/metrics", headers=AUTH).text, sample, missing=0.0)
 
 
 def test_health_and_ready_answer_with_the_loaded_version(server) -> None:
     with server.client() as client:
         assert client.get("/health").json() == {"status": "ok"}
-        ready = client.get("/ready").json()
+        ready = client.get("/ready", headers=AUTH).json()
     assert ready == {"ready": True, "model": "run-a/step-00000001", "step": 1}
 
 
@@ -228,7 +228,7 @@ def test_metrics_count_requests_by_route_and_status(server) -> None:
         client.post(
             "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False}, headers=AUTH
         )
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=AUTH).text
     assert 'slm_requests_total{route="/generate",status="200"}' in text
     for name in (
         "slm_time_to_first_token_seconds_count",
@@ -252,6 +252,7 @@ def test_overload_gets_429_with_retry_after(tmp_path) -> None:
         "MAX_BATCH_SIZE": "1",
         "MAX_WAITING": "0",
         "MAX_NEW_TOKENS": "100000",
+        "MAX_REQUEST_TOKENS": "200000",
     }
     with api_server(env, tmp_path, ready_path="/ready") as running, running.client() as client:
         body = {"prompt": "Once", "max_new_tokens": 100000, "temperature": 0}  # never ends

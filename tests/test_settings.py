@@ -17,11 +17,12 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_variables_are_read_by_their_upper_case_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("API_KEY", "s3cret")
+    key = "s3cret-of-16-chars"
+    monkeypatch.setenv("API_KEY", key)
     monkeypatch.setenv("MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("CHECKPOINT_DIR", "/srv/runs")
     settings = Settings()
-    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == key
     assert settings.max_batch_size == 8 and str(settings.checkpoint_dir) == "/srv/runs"
 
 
@@ -37,4 +38,11 @@ def test_a_heartbeat_slower_than_the_abandon_bound_is_refused(
     monkeypatch.setenv("JOB_HEARTBEAT_S", "30")
     monkeypatch.setenv("JOB_ABANDONED_AFTER_S", "20")
     with pytest.raises(ValidationError, match="must exceed JOB_HEARTBEAT_S"):
+        Settings()
+
+
+def test_an_api_key_shorter_than_16_characters_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Training from the network is guarded by the key alone: a short one could be guessed.
+    monkeypatch.setenv("API_KEY", "fifteen-chars!!")
+    with pytest.raises(ValidationError, match="API_KEY must be at least 16 characters"):
         Settings()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from servers import REPO
 
 from model.tokenizer import (
     VOCAB_SHA256,
@@ -134,3 +138,12 @@ def test_a_file_with_the_wrong_hash_is_refused_and_nothing_is_written(
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     with pytest.raises(FileNotFoundError):
         install_vocab(tmp_path / "missing.tar.gz")
+
+
+def test_tiktoken_is_required_at_a_release_that_encodes_long_runs_quickly() -> None:
+    # Before 0.13, one prompt of a character repeated a million times tied up the tokenizer.
+    with (REPO / "pyproject.toml").open("rb") as file:
+        dependencies = tomllib.load(file)["project"]["dependencies"]
+    (required,) = [Requirement(d) for d in dependencies if Requirement(d).name == "tiktoken"]
+    assert "0.12.0" not in required.specifier and "0.13.0" in required.specifier
+    assert importlib.metadata.version("tiktoken") in required.specifier

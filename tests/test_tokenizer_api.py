@@ -12,7 +12,7 @@ from servers import ApiServer, api_server
 
 from model.tokenizer import Tokenizer
 
-KEY = "tokenizer-key"
+KEY = "tokenizer-test-key"
 TEXTS = [
     "Once upon a time, there was a little dog named Max.",
     "  spaces, tabs\tand\nnew lines  ",

@@ -50,7 +50,8 @@ JOB_TIMEOUT_S = 90  # a tiny job takes seconds; this is for a machine busy with 
 def env(redis_url: str, train_data: Path, tmp_path_factory) -> dict[str, str]:
     env = jobs_env(jobs_redis_url(redis_url), tmp_path_factory.mktemp("jobs"))
     link_dataset(env, train_data)
-    return {**env, "API_KEY": API_KEY, "no_proxy": "127.0.0.1"}
+    # story_url serves on 127.0.0.1, which data sources may reach only when allowed.
+    return {**env, "API_KEY": API_KEY, "no_proxy": "127.0.0.1", "ALLOWED_DATA_HOSTS": "127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +211,8 @@ def test_a_killed_worker_is_detected_and_its_job_resumes_from_the_last_checkpoin
 
     assert job["state"] == "finished", job["message"]
     assert job["step"] == 40
-    checkpoint_at_kill = int(at_kill["last_checkpoint"].rsplit("-", 1)[1])
-    # Resumed from the last checkpoint written before the kill: at most one interval lost.
-    assert checkpoint_at_kill <= job["resumed_from"] <= at_kill["step"] + 10
-    assert job["resumed_from"] % 10 == 0
+    # The orphaned horse saved a checkpoint on its way out: no step before the kill is lost.
+    assert at_kill["step"] <= job["resumed_from"] < 40
     assert history_steps(job) == list(range(1, 41))  # no gap, no step counted twice
 
 
@@ -232,7 +231,8 @@ def test_a_job_whose_data_the_api_cannot_see_fails_with_advice_that_works(
 ):
     """An API whose DATA_DIR holds no dataset (Docker's: the data volume is the workers') cannot
     check data.dataset, so the worker finds it missing. Its message says how to prepare it; done
-    as said, the same dataset trains, on the worker the failure left ready."""
+    as said (DATA_DIR being the worker's), the same dataset trains, on the worker the failure
+    left ready."""
     with redis.Redis.from_url(env["REDIS_URL"]) as connection:
         blind = TrainJobs(
             connection, Settings(queue_name=env["QUEUE_NAME"], data_dir=tmp_path / "elsewhere")
@@ -246,7 +246,10 @@ def test_a_job_whose_data_the_api_cannot_see_fails_with_advice_that_works(
     advice = re.search(r"`(slm prepare [^`]*)`", message)
     assert advice is not None, message
     command = shlex.split(advice[1])
-    assert command[command.index("--out") + 1] == str(Path(env["DATA_DIR"]) / "later-data")
+    # The advice names the folder by its setting (a client never sees the server's paths).
+    out = command.index("--out") + 1
+    assert command[out] == "DATA_DIR/later-data"
+    command[out] = str(Path(env["DATA_DIR"]) / "later-data")
     command[command.index("--source") + 1] = str(write_stories(tmp_path / "stories.txt"))
     subprocess.run([SLM, *command[1:], "--quiet"], check=True, timeout=120)
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import redis
 from rq import Queue, Worker
-from servers import REPO, wait_for
+from servers import REPO, TEST_DB, wait_for
 
 SLM = str(Path(sys.executable).with_name("slm"))
 DATASET = "stories"  # the name under DATA_DIR that test jobs train on
@@ -23,7 +23,7 @@ HEARTBEAT_S = 1
 ABANDONED_AFTER_S = 3
 
 
-JOBS_DB = 10
+JOBS_DB = TEST_DB + 1
 
 
 def jobs_redis_url(redis_url: str) -> str:

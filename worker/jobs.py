@@ -7,8 +7,11 @@ crashed or out-of-memory job leaves the worker whole for the next one.
 What a job does, in order: prepare its data if the spec names a source (under a file lock, so
 two jobs never write one folder), pick the checkpoint to fine-tune from, then train into
 CHECKPOINT_DIR/<run_name>/, which resumes exactly when that folder holds a training state (a job
-resumed after a stop or a crash). Along the way it writes a ``JobProgress`` into the job's meta
-(throttled, see ``ProgressReport``), announces every checkpoint on Redis, and polls the stop key.
+resumed after a stop or a crash), once it has checked that the folder is its own and recorded
+itself there (``contract.runs``). A job that saved no checkpoint leaves no run folder, and every
+job releases its claim on the run when it ends. Along the way it writes a ``JobProgress`` into
+the job's meta (throttled, see ``ProgressReport``), announces every checkpoint on Redis, and
+polls the stop key.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,14 +45,19 @@ from contract.jobs import (
     LossPoint,
     TrainJobSpec,
     checkpoint_version,
+    redact_url,
     stop_key,
 )
+from contract.runs import holds_checkpoints, run_conflict, write_owner
 from contract.settings import Settings
+from contract.store import release_run
 from contract.train import TrainProgress
 from model.checkpoint import CheckpointError, latest_checkpoint, read_meta
 from worker.callbacks import TrainCallback
 from worker.data import MANIFEST, DataError, prepare, read_manifest
-from worker.trainer import BEST, train
+from worker.data.sources import DownloadRules
+from worker.runner import stop_signalled
+from worker.trainer import BEST, check_free_disk, train
 
 log = logging.getLogger("slm.worker")
 
@@ -158,22 +167,28 @@ class ProgressReport(TrainCallback):
 
 
 class StopRequests(TrainCallback):
-    """True once the API has set the job's stop key (read at most every STOP_POLL_INTERVAL_S).
+    """True once the API has set the job's stop key (read at most every STOP_POLL_INTERVAL_S),
+    or the worker has sent this horse SIGTERM (``worker.runner``: its warm shutdown).
 
-    It also ends the horse at once when the worker that forked it is gone (``kill -9`` on the
-    worker leaves the horse orphaned, re-parented, and still training): an orphan would go on
-    writing into the run folder while the job is reported abandoned and perhaps resumed by
-    another worker. Exiting between two steps leaves the last checkpoint whole."""
+    It is also true when the worker that forked the horse is gone (``kill -9`` on the worker
+    leaves the horse orphaned, re-parented, and still training): the run saves a checkpoint,
+    then ``train_job`` ends the horse, since an orphan would go on writing into the run folder
+    while the job is reported abandoned and perhaps resumed by another worker."""
 
     def __init__(self, connection: redis.Redis, job_id: str) -> None:
         self.connection, self.key = connection, stop_key(job_id)
         self.worker_pid = os.getppid()
+        self.orphaned = False
         self._checked_at = 0.0
 
     def should_stop(self) -> bool:
         if os.getppid() != self.worker_pid:
-            log.error("the worker (pid %d) is gone; this work horse exits", self.worker_pid)
-            os._exit(WORKER_GONE_EXIT_CODE)
+            if not self.orphaned:
+                log.error("the worker (pid %d) is gone; this work horse stops", self.worker_pid)
+            self.orphaned = True
+            return True
+        if stop_signalled():
+            return True
         now = time.monotonic()
         if now - self._checked_at < STOP_POLL_INTERVAL_S:
             return False
@@ -217,17 +232,18 @@ def prepared_data(data: DataSpec, settings: Settings, report: ProgressReport) ->
         except DataError as error:
             # A folder with no manifest at all: say so, not read_manifest's advice, which leaves
             # out the --source that `slm prepare` needs.
-            why = str(error) if (folder / MANIFEST).exists() else f"{folder} has no {MANIFEST}"
+            why = str(error) if (folder / MANIFEST).exists() else f"it has no {MANIFEST}"
             raise TrainJobError(
-                f"dataset {data.dataset!r} is not prepared under DATA_DIR ({settings.data_dir}): "
-                f"{why}. Prepare it with {prepare_advice(settings.data_dir, data.dataset)}, or "
+                f"dataset {data.dataset!r} is not prepared under DATA_DIR: "
+                f"{why}. Prepare it with {prepare_advice(data.dataset)}, or "
                 f"submit the job with data.source (hub:v2, hub:v1 or an http(s) URL) instead of "
                 f"data.dataset, which the worker prepares first"
             ) from None
         return folder
-    report.set_state("preparing", f"preparing {data.source} into DATA_DIR/{folder.name}")
+    shown = redact_url(data.source)
+    report.set_state("preparing", f"preparing {shown} into DATA_DIR/{folder.name}")
     with folder_lock(folder):  # `prepare` allows one writer per folder
-        prepare(data.source, folder, quiet=True)
+        prepare(data.source, folder, quiet=True, rules=DownloadRules.from_settings(settings))
     return folder
 
 
@@ -255,18 +271,29 @@ def train_job(spec_json: str) -> dict[str, Any]:
     spec = TrainJobSpec.model_validate_json(spec_json)
     report = ProgressReport(job, spec)
     run_dir = settings.checkpoint_dir / spec.run_name
+    made_run_dir = False
     try:
+        settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        floor = settings.min_free_disk_bytes
+        check_free_disk(settings.checkpoint_dir, floor, "the job did not start")
         data_dir = prepared_data(spec.data, settings, report)
         init_from = fine_tune_source(spec.init_from_run, settings.checkpoint_dir)
+        conflict = run_conflict(run_dir, job.id, new=False)
+        if conflict is not None:
+            raise TrainJobError(conflict)
         report.set_state("training", "loading the model")
 
+        made_run_dir = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_owner(run_dir, job.id)
+        stop = StopRequests(job.connection, job.id)
         result = train(
             spec.train,
             data_dir,
             run_dir,
             init_from=init_from,
-            callbacks=[report, StopRequests(job.connection, job.id)],
+            callbacks=[report, stop],
+            min_free_disk_bytes=floor,
         )
     except torch.cuda.OutOfMemoryError as error:
         message = (
@@ -278,15 +305,25 @@ def train_job(spec_json: str) -> dict[str, Any]:
     except Exception as error:
         # Our own errors say what to do; anything else at least names its type.
         expected = isinstance(error, TrainJobError | DataError | CheckpointError | ValueError)
-        report.set_state("failed", str(error) if expected else f"{type(error).__name__}: {error}")
+        said = str(error) if expected else f"{type(error).__name__}: {error}"
+        report.set_state("failed", settings.redact(said))  # clients read it: no server paths
         raise
     finally:
+        if made_run_dir and not holds_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that never saved is no run
         try:
             job.connection.delete(stop_key(job.id))
+            release_run(job.connection, job.origin, spec.run_name, job.id)
         except redis.RedisError:
-            log.warning("stop key of job %s not cleared", job.id)
+            log.warning("stop key or run claim of job %s not cleared", job.id)
 
     checkpoint = result.last_checkpoint.stem if result.last_checkpoint else None
+    if stop.orphaned:
+        # No worker records how the job ended: it is found abandoned, and resumes from here,
+        # with the last step's loss, which the write throttle may have held back.
+        report.save()
+        log.error("job %s saved %s; its worker is gone, this work horse exits", job.id, checkpoint)
+        os._exit(WORKER_GONE_EXIT_CODE)
     if result.status == "stopped":
         message = f"stopped at step {result.step}; resume to continue from {checkpoint}"
     else:

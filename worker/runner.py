@@ -12,23 +12,37 @@ fixed 60 s). If the worker is killed, the renewals stop and the entry expires at
 ``StartedJobRegistry.cleanup`` then moves the job to the FailedJobRegistry with an
 AbandonedJobError: the API does on every GET of /train-jobs, and every worker does when it starts
 and between jobs (``maintenance_interval``). The API reports such a job as ``abandoned``; its
-horse, orphaned, has already exited (``worker.jobs.StopRequests``), and resuming the job
-continues from its last checkpoint.
+horse, orphaned, has already saved a checkpoint and exited (``worker.jobs.StopRequests``), and
+resuming the job continues from that checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 
 from rq import Worker
 from rq.job import Job
 
 from contract.broker import connect
-from contract.jobs import stop_key
 from contract.settings import Settings
 from contract.store import train_queue
 
 log = logging.getLogger("slm.worker")
+
+_stop_signalled = False
+
+
+def stop_signalled() -> bool:
+    """Whether this work horse got SIGTERM, its worker's request to stop at a checkpoint."""
+    return _stop_signalled
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signalled
+    _stop_signalled = True
 
 
 class TrainWorker(Worker):
@@ -45,11 +59,19 @@ class TrainWorker(Worker):
     def handle_warm_shutdown_request(self) -> None:
         """SIGTERM or a first Ctrl-C: RQ would wait for the whole run, days perhaps, and
         `docker stop` would then kill it anyway. Ask the job to stop instead: within a step it
-        saves a checkpoint and ends ``stopped``, ready to resume; then this worker exits."""
+        saves a checkpoint and ends ``stopped``, ready to resume; then this worker exits. The
+        request goes to the horse as a signal, not through Redis: when `slm up` dies, its
+        embedded Redis is told to stop at the same moment as this worker."""
         super().handle_warm_shutdown_request()
-        execution = self.execution
-        if execution is not None:
-            self.connection.set(stop_key(execution.job_id), 1, ex=self.job_timeout_s)
+        if self.execution is not None and self.horse_pid:
+            with contextlib.suppress(ProcessLookupError):  # the horse has just ended
+                os.kill(self.horse_pid, signal.SIGTERM)
+
+    def setup_work_horse_signals(self) -> None:
+        """In the horse: SIGTERM sets ``stop_signalled`` instead of killing it (RQ itself ends a
+        horse with SIGKILL, never SIGTERM)."""
+        super().setup_work_horse_signals()
+        signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
 def run_worker(settings: Settings, *, queue_name: str | None = None, burst: bool = False) -> bool:

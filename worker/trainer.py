@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -70,6 +71,25 @@ class TrainResult:
 
 class TrainError(ValueError):
     """Settings, data or a run folder the trainer cannot work with."""
+
+
+class DiskFull(TrainError):
+    """Less free space than the floor where the run writes: nothing more is written."""
+
+
+def check_free_disk(folder: Path, floor: int, doing: str) -> None:
+    """Refuse (DiskFull) to write into ``folder`` while its file system has fewer than
+    ``floor`` bytes free: a checkpoint that filled the disk would be half-written, and the
+    service, Redis and the system beside it would fail too."""
+    if floor <= 0:
+        return
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free < floor:
+        raise DiskFull(
+            f"{doing}: {free:,} bytes are free where checkpoints go (CHECKPOINT_DIR), below the "
+            f"floor of {floor:,} (MIN_FREE_DISK_BYTES); free some space, then resume"
+        )
 
 
 # --- pieces with no state of their own ----------------------------------------------------------
@@ -157,10 +177,12 @@ class Trainer:
         *,
         init_from: Path | None = None,
         callbacks: Sequence[TrainCallback] = (),
+        min_free_disk_bytes: int = 0,
     ) -> None:
         if importlib.util.find_spec("matplotlib") is None:  # needed at the first eval: fail now
             raise TrainError("training draws loss.png with matplotlib: pip install 'slm[worker]'")
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
+        self.min_free_disk_bytes = min_free_disk_bytes
         self._setup_processes()
         self.callbacks = CallbackList([RunHistory(self.run_dir), *callbacks] if self.master else [])
 
@@ -597,6 +619,12 @@ class Trainer:
     ) -> Path:
         """Save the model; ``latest=False`` for the best-so-far copy, which neither moves the
         run's manifest nor is announced: services follow the periodic checkpoints."""
+        last = self.last_checkpoint.stem if self.last_checkpoint else "none"
+        check_free_disk(
+            self.run_dir,
+            self.min_free_disk_bytes,
+            f"the checkpoint of step {self.step} was not written (the last one, {last}, is whole)",
+        )
         metrics = metrics or (self.history[-1] if self.history else {})
         path = save_checkpoint(
             self.run_dir,
@@ -682,6 +710,16 @@ def train(
     *,
     init_from: Path | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    min_free_disk_bytes: int = 0,
 ) -> TrainResult:
-    """Train (or resume, when ``run_dir`` holds a training state); see ``Trainer``."""
-    return Trainer(config, data_dir, run_dir, init_from=init_from, callbacks=callbacks).run()
+    """Train (or resume, when ``run_dir`` holds a training state); see ``Trainer``. Below
+    ``min_free_disk_bytes`` free beside ``run_dir`` no checkpoint is written: DiskFull."""
+    trainer = Trainer(
+        config,
+        data_dir,
+        run_dir,
+        init_from=init_from,
+        callbacks=callbacks,
+        min_free_disk_bytes=min_free_disk_bytes,
+    )
+    return trainer.run()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from service.auth import require_admin
+from service.auth import require_operator
 from service.dependencies import reloader_of
 from service.errors import error_responses
 from service.reloader import Reloader
@@ -15,7 +15,7 @@ from service.schemas import ReloadReport
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_operator)],
     responses=error_responses(401, 403),
 )
 

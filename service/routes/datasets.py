@@ -14,11 +14,13 @@ from pydantic import BaseModel, Field
 
 from contract.datasets import PreparedDataset, prepared_datasets
 from contract.settings import Settings
-from service.auth import require_api_key, settings_of
+from service.auth import require_operator, settings_of
 from service.errors import error_responses
 
 router = APIRouter(
-    tags=["train jobs"], dependencies=[Depends(require_api_key)], responses=error_responses(401)
+    tags=["train jobs"],
+    dependencies=[Depends(require_operator)],
+    responses=error_responses(401, 403),
 )
 
 

@@ -12,16 +12,17 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, Depends, Request, Response
+from sse_starlette import ServerSentEvent
 
 from model.tokenizer import get_tokenizer
 from service.auth import require_api_key, settings_of
 from service.dependencies import engine_of, reloader_of
 from service.engine import Engine, EngineError, Generation, TextPiece
 from service.errors import error_body, error_responses, from_engine
-from service.limits import require_json
+from service.limits import event_stream, require_json
 from service.reloader import Reloader
+from service.replies import json_answer, whole_stories
 from service.schemas import (
     Finished,
     GenerateRequest,
@@ -48,20 +49,22 @@ async def generate(
     request: Request,
     engine: Annotated[Engine, Depends(engine_of)],
     reloader: Annotated[Reloader, Depends(reloader_of)],
-) -> GenerateResponse | EventSourceResponse:
+) -> Response:
     params = body.sampling(settings_of(request))
     generation = await engine.submit(body.prompt, params, await reloader.resolve(body.model))
     if body.stream:
-        return EventSourceResponse(_events(generation))
-    story = await generation.story()
+        return event_stream(request, _events(generation))
+    (story,) = await whole_stories(request, [generation])
     tokenizer = get_tokenizer()
-    return GenerateResponse(
-        text=story.text,
-        token_ids=story.token_ids,
-        logprobs=None
-        if story.logprobs is None
-        else [logprob_of(score, tokenizer) for score in story.logprobs],
-        **finished_fields(story.finish),
+    return await json_answer(
+        lambda: GenerateResponse(
+            text=story.text,
+            token_ids=story.token_ids,
+            logprobs=None
+            if story.logprobs is None
+            else [logprob_of(score, tokenizer) for score in story.logprobs],
+            **finished_fields(story.finish),
+        )
     )
 
 

@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.types import DecoratedCallable
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from contract.settings import Settings
 from model.checkpoint import CheckpointError, read_meta
@@ -42,10 +42,9 @@ from service.engine import (
     Story,
     TextPiece,
     interleaved,
-    stories,
 )
 from service.errors import error_body, error_responses, from_engine
-from service.limits import require_json
+from service.limits import event_stream, require_json
 from service.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -65,6 +64,7 @@ from service.openai_schemas import (
     TopLogprob,
 )
 from service.reloader import Reloader
+from service.replies import json_answer, whole_stories
 from service.schemas import Usage
 
 router = APIRouter(
@@ -197,24 +197,26 @@ def _prompt_text(prompt: str | list[int], tokenizer: Tokenizer) -> str:
 @_answers("/completions", Completion)
 async def completions(
     body: CompletionRequest, request: Request
-) -> Completion | EventSourceResponse:
+) -> Response:
     prompts = body.prompts
     generations = await _submit(request, body, prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echoes = [prompt for prompt in prompts for _ in range(body.n)]
     if body.stream:
         events = _completion_chunks(body, generations, echoes, completion_id, created)
-        return EventSourceResponse(events)
-    answers = await stories(generations)
-    return Completion(
-        id=completion_id,
-        created=created,
-        model=answers[0].finish.version,
-        choices=[
-            _completion_choice(index, body, story, echo)
-            for index, (story, echo) in enumerate(zip(answers, echoes, strict=True))
-        ],
-        usage=_usage([story.finish for story in answers], body.n),
+        return event_stream(request, events)
+    answers = await whole_stories(request, generations)
+    return await json_answer(
+        lambda: Completion(
+            id=completion_id,
+            created=created,
+            model=answers[0].finish.version,
+            choices=[
+                _completion_choice(index, body, story, echo)
+                for index, (story, echo) in enumerate(zip(answers, echoes, strict=True))
+            ],
+            usage=_usage([story.finish for story in answers], body.n),
+        )
     )
 
 
@@ -326,27 +328,29 @@ def _chat_logprobs(scores: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogp
 @_answers("/chat/completions", ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
-) -> ChatCompletion | EventSourceResponse:
+) -> Response:
     generations = await _submit(request, body, [body.prompt])
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return EventSourceResponse(_chat_chunks(body, generations, completion_id, created))
-    answers = await stories(generations)
+        return event_stream(request, _chat_chunks(body, generations, completion_id, created))
+    answers = await whole_stories(request, generations)
     tokenizer = get_tokenizer()
-    return ChatCompletion(
-        id=completion_id,
-        created=created,
-        model=answers[0].finish.version,
-        choices=[
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=story.text),
-                logprobs=_chat_logprobs(story.logprobs, tokenizer) if body.logprobs else None,
-                finish_reason=openai_reason(story.finish.reason),
-            )
-            for index, story in enumerate(answers)
-        ],
-        usage=_usage([story.finish for story in answers], body.n),
+    return await json_answer(
+        lambda: ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=answers[0].finish.version,
+            choices=[
+                ChatChoice(
+                    index=index,
+                    message=AssistantMessage(content=story.text),
+                    logprobs=_chat_logprobs(story.logprobs, tokenizer) if body.logprobs else None,
+                    finish_reason=openai_reason(story.finish.reason),
+                )
+                for index, story in enumerate(answers)
+            ],
+            usage=_usage([story.finish for story in answers], body.n),
+        )
     )
 
 

@@ -20,6 +20,7 @@ from service.auth import require_api_key
 from service.engine import INLINE_TOKENIZE_CHARS
 from service.errors import error_responses
 from service.limits import require_json
+from service.schemas import ValidUnicode
 
 router = APIRouter(
     tags=["tokenizer"],
@@ -33,7 +34,7 @@ TokenId = Annotated[int, Field(ge=0, lt=GPT2_VOCAB_SIZE)]
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(
+    prompt: Annotated[str, ValidUnicode] = Field(
         description='text; a literal "<|endoftext|>" is the end-of-text token (id 50256), as in '
         "Hugging Face's GPT-2 tokenizer (a /v1/completions text prompt reads it as plain text)"
     )

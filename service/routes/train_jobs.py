@@ -26,11 +26,13 @@ from contract.store import (
     JobNotFound,
     JobNotResumable,
     JobStoreError,
+    ModelDoesNotFit,
     RunInUse,
+    RunTaken,
     TrainJobRecord,
     TrainJobs,
 )
-from service.auth import require_api_key, settings_of
+from service.auth import require_operator, settings_of
 from service.errors import ApiError, error_responses
 from service.limits import require_json
 
@@ -39,16 +41,19 @@ SOCKET_TIMEOUT_S = 2.0
 STORE_ERRORS: dict[type[JobStoreError], tuple[int, str | None, str]] = {
     JobNotFound: (404, "id", "job_not_found"),
     RunInUse: (409, "run_name", "run_in_use"),
+    RunTaken: (409, "run_name", "run_taken"),
+    ModelDoesNotFit: (422, "train", "model_too_large"),  # the error names its field
     JobNotActive: (409, None, "job_not_active"),
     JobNotResumable: (409, None, "job_not_resumable"),
     DatasetNotPrepared: (422, "data.dataset", "dataset_not_prepared"),
 }
 
-# Every route may answer: no key (401), Redis down or unset (503), a bad parameter (422).
+# Every route may answer: no key (401), not a local client without API_KEY (403), Redis down or
+# unset (503), a bad parameter (422).
 router = APIRouter(
-    prefix="/train-jobs", tags=["train jobs"], responses=error_responses(401, 422, 503)
+    prefix="/train-jobs", tags=["train jobs"], responses=error_responses(401, 403, 422, 503)
 )
-Authorized = [Depends(require_api_key)]
+Authorized = [Depends(require_operator)]
 
 
 # --- response models ----------------------------------------------------------------------------
@@ -89,7 +94,9 @@ def job_status(record: TrainJobRecord) -> TrainJobStatus:
 
 def job_detail(record: TrainJobRecord) -> TrainJob:
     return TrainJob(
-        **_fields(record), **record.progress.model_dump(include=DETAIL), spec=record.spec
+        **_fields(record),
+        **record.progress.model_dump(include=DETAIL),
+        spec=record.spec.redacted(),  # a source URL without its credentials
     )
 
 
@@ -151,6 +158,7 @@ def store_errors_answered(route: Callable[P, R]) -> Callable[P, R]:
             return route(*args, **kwargs)
         except JobStoreError as error:
             status, param, code = STORE_ERRORS[type(error)]
+            param = getattr(error, "param", param)
             raise ApiError(status, str(error), param=param, code=code) from None
         except redis.RedisError as error:
             raise ApiError(
@@ -175,7 +183,9 @@ def _location(record: TrainJobRecord) -> str:
 )
 @store_errors_answered
 def create_train_job(spec: TrainJobSpec, jobs: Jobs, response: Response) -> TrainJob:
-    """Queue a training job; 409 if an active job already trains this run_name, 422 if
+    """Queue a training job; 409 if an active job already trains this run_name or the run
+    already exists (it is continued by resuming the job that made it), 422 if the model is
+    larger than this server serves (MAX_MODEL_BLOCK_SIZE, MAX_MODEL_PARAMS, KV_CACHE_BYTES) or
     data.dataset names a dataset that is not prepared under DATA_DIR (GET /datasets lists them;
     checked where the API sees DATA_DIR's datasets)."""
     record = jobs.submit(spec)

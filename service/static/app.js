@@ -24,13 +24,17 @@ async function errorMessage(response) {
 
 async function refreshModel() {
   try {
-    const response = await fetch("/ready");
+    // With API_KEY set, /ready names the model only to a client that sends the key.
+    const response = await fetch("/ready", { headers: authHeaders() });
     const body = await response.json();
-    $("model-status").textContent = response.ok
+    const named = response.ok && body.model;
+    $("model-status").textContent = named
       ? `Model ${body.model} (step ${body.step})`
-      : body.error?.message ?? "No model loaded yet";
+      : response.ok
+        ? "A model is loaded (enter the API key to see which)"
+        : body.error?.message ?? "No model loaded yet";
     // The default option names the version a request without `model` gets now.
-    $("model").options[0].textContent = response.ok ? `Newest run (${body.model})` : "Newest run";
+    $("model").options[0].textContent = named ? `Newest run (${body.model})` : "Newest run";
   } catch {
     $("model-status").textContent = "The service does not answer";
   }
@@ -729,6 +733,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = localStorage.getItem("slm-api-key") ?? "";
   $("api-key").addEventListener("change", () => {
     localStorage.setItem("slm-api-key", $("api-key").value.trim());
+    refreshModel();
     refreshRuns();
     refreshJobs();
     refreshDatasets();

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from contract.datasets import MANIFEST, Manifest, SplitInfo
+from contract.jobs import redact_url
 from model.atomic import atomic_write_bytes, fsync_directory
 from model.tokenizer import ENCODING_NAME, get_tokenizer
 from worker.data.encoding import DEFAULT_CHUNK_BYTES, Chunk, encode_in_order, read_chunks
@@ -31,7 +32,7 @@ from worker.data.manifest import (
     DataError,
     finished_manifest,
 )
-from worker.data.sources import Input, describe, resolve
+from worker.data.sources import DownloadRules, Input, describe, resolve
 
 DEFAULT_VAL_FRACTION = 0.01
 
@@ -139,6 +140,7 @@ def prepare(
     workers: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     quiet: bool = False,
+    rules: DownloadRules | None = None,
 ) -> Prepared:
     """Tokenize ``source`` into ``out_dir`` (see ``worker.data.sources`` for sources,
     ``worker.data.manifest`` for the format).
@@ -147,7 +149,8 @@ def prepare(
     (by sha256; a URL is downloaded again to be checked) with the same settings.
     ``val_fraction`` applies to single-file sources only; ``workers`` (default: every CPU) and
     ``chunk_bytes`` change the speed, never the output.
-    ``quiet`` hides the progress bars (stderr).
+    ``quiet`` hides the progress bars (stderr). ``rules`` bound a URL's download (default:
+    the environment's Settings).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -157,7 +160,7 @@ def prepare(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     get_tokenizer()  # a missing vocabulary fails here, before any download
-    inputs = resolve(str(source), out_dir, quiet)
+    inputs = resolve(str(source), out_dir, quiet, rules)
     try:
         files = tuple(describe(item) for item in inputs)
         fraction = val_fraction if any(item.split == BOTH for item in inputs) else None
@@ -172,7 +175,7 @@ def prepare(
             tokenizer=ENCODING_NAME,
             eot_id=EOT_ID,
             dtype="uint16",
-            source=str(source),
+            source=redact_url(str(source)),  # GET /datasets shows it
             val_fraction=fraction,
             sources=files,
             splits=splits,
