@@ -183,9 +183,12 @@ def assert_refused(message: str) -> None:
     assert "refused" in message and "ALLOWED_DATA_HOSTS" in message, message
 
 
-def test_a_source_on_a_loopback_address_is_refused_unrequested(client, inside) -> None:
-    assert_refused(failure(client, "loopback-run", f"http://127.0.0.1:{inside.server_port}/a.txt"))
+def test_a_source_on_a_loopback_address_is_refused_unrequested(client, env, inside) -> None:
+    source = f"http://127.0.0.1:{inside.server_port}/a.txt"
+    assert_refused(failure(client, "loopback-run", source))
     assert inside.requests == []
+    folder = data_folder(env, source)  # nothing written for it: no folder, no lock file
+    assert [p.name for p in folder.parent.iterdir() if folder.name in p.name] == []
 
 
 def test_a_name_resolving_to_loopback_is_refused_unrequested(client, inside) -> None:

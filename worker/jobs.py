@@ -55,7 +55,7 @@ from contract.train import TrainProgress
 from model.checkpoint import CheckpointError, latest_checkpoint, read_meta
 from worker.callbacks import TrainCallback
 from worker.data import MANIFEST, DataError, prepare, read_manifest
-from worker.data.sources import DownloadRules
+from worker.data.sources import DownloadRules, check_url
 from worker.runner import stop_signalled
 from worker.trainer import BEST, check_free_disk, train
 
@@ -240,10 +240,12 @@ def prepared_data(data: DataSpec, settings: Settings, report: ProgressReport) ->
                 f"data.dataset, which the worker prepares first"
             ) from None
         return folder
+    rules = DownloadRules.from_settings(settings)
+    check_url(data.source, rules)  # a refused host leaves not even a lock file
     shown = redact_url(data.source)
     report.set_state("preparing", f"preparing {shown} into DATA_DIR/{folder.name}")
     with folder_lock(folder):  # `prepare` allows one writer per folder
-        prepare(data.source, folder, quiet=True, rules=DownloadRules.from_settings(settings))
+        prepare(data.source, folder, quiet=True, rules=rules)
     return folder
 
 

@@ -140,6 +140,13 @@ def _from_path(path: Path) -> list[Input]:
     return [Input(p, p.name, "train") for p in train] + [Input(p, p.name, "val") for p in val]
 
 
+def check_url(source: str, rules: DownloadRules) -> None:
+    """Refuse (DataError) an http(s) source whose host ``rules`` keep the worker from, before
+    anything is written for it; the download checks again, at every redirect."""
+    if source.startswith(("http://", "https://")):
+        _address(urlsplit(source), rules, redact_url(source))
+
+
 def download(url: str, part: Path, rules: DownloadRules, quiet: bool = True) -> Path:
     """Stream ``url`` into ``part`` and return it. A ``part`` left by a dropped connection or
     a time-out is resumed with an HTTP range request where the server allows; a body shorter
@@ -147,10 +154,10 @@ def download(url: str, part: Path, rules: DownloadRules, quiet: bool = True) -> 
     deleted. Messages show the URL without its credentials (``redact_url``)."""
     deadline = time.monotonic() + rules.timeout_s
     shown = redact_url(url)
-    part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
     connection, response = _get(url, have, rules, deadline)
     with closing(connection), response:
+        part.parent.mkdir(parents=True, exist_ok=True)  # once the host is allowed and answers
         if response.status == 416 and have:  # the part is stale (the file changed): start over
             part.unlink()
             return download(url, part, rules, quiet)
