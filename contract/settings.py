@@ -6,6 +6,7 @@ Variable names are the field names in upper case (``CHECKPOINT_DIR``, ``REDIS_UR
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,7 +38,8 @@ class Settings(BaseSettings):
     def redact(self, message: str) -> str:
         """``message`` with the names CHECKPOINT_DIR and DATA_DIR for those folders' absolute
         paths, so what a client reads (an error, a job's message) tells nothing of the server's
-        file system. The longer path goes first, in case one folder lies inside the other."""
+        file system. Only whole paths are replaced (not ``/data`` inside ``https://host/data``),
+        the longer first, in case one folder lies inside the other."""
         folders = {"CHECKPOINT_DIR": self.checkpoint_dir, "DATA_DIR": self.data_dir}
         spellings = [
             (str(spelled), name)
@@ -45,7 +47,7 @@ class Settings(BaseSettings):
             for spelled in {folder.absolute(), folder.resolve()}
         ]
         for spelled, name in sorted(spellings, key=lambda pair: -len(pair[0])):
-            message = message.replace(spelled, name)
+            message = re.sub(rf"(?<![\w.:/-]){re.escape(spelled)}(?![\w.-])", name, message)
         return message
 
     # --- the worker ---

@@ -234,7 +234,9 @@ class TrainJobs:
                     pipeline.watch(key)
                     holder = pipeline.get(key)
                     holder_id = holder.decode() if holder is not None else None
-                    if holder_id not in (None, job_id) and self.is_active(holder_id):
+                    if holder_id == job_id and self.is_active(job_id):  # two resumes at once
+                        raise JobNotResumable(f"job {job_id} is queued or running already")
+                    if holder_id is not None and self.is_active(holder_id):
                         raise RunInUse(
                             f"run {run_name!r} is in use by the active job {holder_id}; stop it "
                             f"(DELETE /train-jobs/{holder_id}) or choose another run_name"

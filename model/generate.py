@@ -349,6 +349,7 @@ class BatchGenerator:
         dtype = self.cache.keys.dtype
         self.cache = KVCache(self.config, 0, device=self.device, dtype=dtype)
         self.sampler = BatchSampler(0, self.config.vocab_size, self.device)
+        self._head = None  # with it goes the head's transposed copy of the output matrix
 
     def _move_rows(self, source: slice, target: int) -> None:
         self.cache.move_rows(source, target)

@@ -464,13 +464,20 @@ class Engine:
         Texts longer in all than INLINE_TOKENIZE_CHARS are encoded off the event loop."""
 
         def encode() -> list[list[int]]:
-            return [self._token_ids(lane, prompt, params) for prompt, params in requests]
+            texts: dict[str, list[int]] = {}  # a prompt's n copies are encoded once
+            return [self._token_ids(lane, prompt, params, texts) for prompt, params in requests]
 
         if sum(len(prompt) for prompt, _ in requests) <= INLINE_TOKENIZE_CHARS:
             return encode()
         return await asyncio.to_thread(encode)
 
-    def _token_ids(self, lane: Lane, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def _token_ids(
+        self,
+        lane: Lane,
+        prompt: str | list[int],
+        params: SamplingParams,
+        texts: dict[str, list[int]],
+    ) -> list[int]:
         generator = lane.generator
         if isinstance(prompt, list):
             vocab = generator.config.vocab_size
@@ -482,7 +489,9 @@ class Engine:
                 )
             ids = prompt or [generator.tokenizer.eot_id]
         else:
-            ids = generator.encode_prompt(prompt)
+            if prompt not in texts:
+                texts[prompt] = generator.encode_prompt(prompt)
+            ids = list(texts[prompt])  # each story its own list
         if len(ids) > self.settings.max_prompt_tokens:
             raise PromptRejected(
                 f"prompt: {len(ids)} tokens is above this server's limit of "
@@ -573,15 +582,15 @@ class Engine:
                 serving = list(self._serving.values())
             self._drop_leavers(time.perf_counter())
             full: list[Generation] = []  # their lane's KV cache has no free row yet
-            for generation, lane in zip(list(self._joining), lanes, strict=True):
-                if lane not in self._lanes:
-                    self._lanes.append(lane)
-                if not self._admit(generation, lane):
-                    full.append(generation)
-                self._joining.remove(generation)
-            if full:  # back at the head of the queue, in their order
-                with self._cond:
-                    self._waiting.extendleft(reversed(full))
+            try:
+                for generation, lane in zip(list(self._joining), lanes, strict=True):
+                    if lane not in self._lanes:
+                        self._lanes.append(lane)
+                    if not self._admit(generation, lane):
+                        full.append(generation)
+                    self._joining.remove(generation)
+            finally:  # even when an admission failed: _fail_all must find them all
+                self._requeue(full)
             for each in self._lanes:
                 self._step(each)
             # A replaced or unloaded model's lane goes once its last story is done.
@@ -638,6 +647,17 @@ class Engine:
             DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)"),
         )
         self._release(generation, "timeout")
+
+    def _requeue(self, generations: list[Generation]) -> None:
+        """Back at the head of the waiting queue, in their order; one whose client left while
+        it was out of the queue (``cancel`` did not find it there) leaves now."""
+        with self._cond:
+            for generation in reversed(generations):
+                if generation.cancelled:
+                    self._release(generation, "cancelled")
+                else:
+                    self._waiting.appendleft(generation)
+            WAITING.set(len(self._waiting))
 
     def _admit(self, generation: Generation, lane: Lane) -> bool:
         """Queue a newcomer for the lane's next prefill; False, leaving it alone, while the

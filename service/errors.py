@@ -121,7 +121,14 @@ def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    message, param = _printable(message), param and _printable(param)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate echoed from the request (a JSON key, a
+    value quoted in a validation message) becomes ``\\udXXX`` instead of failing the answer."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(

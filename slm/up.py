@@ -103,7 +103,10 @@ def run_up(host: str, port: int, log_level: str = "info") -> int:
                 width=6,
             ),
         ]
-        print(f"slm up: the API and playground at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+        # On every interface, the playground is still opened on loopback: there, without
+        # API_KEY, its Train panel may reach the train-job routes (service.auth).
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        _say(f"slm up: the API and playground at http://{shown}:{port}/ (Ctrl-C stops)")
         try:
             while True:
                 exited = next((c for c in children if c.process.poll() is not None), None)

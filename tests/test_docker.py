@@ -57,7 +57,9 @@ def tool(name: str) -> str:
 COMPOSE_VARIABLES = re.compile(
     r"^(API_KEY|API_BIND|API_PORT|PUBLIC_STATUS|QUEUE_NAME|SLM_.*|WORKER_.*|CUDA_IMAGE|TORCH_.*|"
     r"DEVICE|QUANTIZATION|"
-    r"MAX_.*|DECODE_THREADS|REQUEST_TIMEOUT_S|BODY_TIMEOUT_S|RELOAD_POLL_S|JOB_TIMEOUT_S|COMPOSE_.*)$"
+    r"MAX_.*|DECODE_THREADS|REQUEST_TIMEOUT_S|BODY_TIMEOUT_S|RELOAD_POLL_S|JOB_TIMEOUT_S|"
+    r"KV_CACHE_BYTES|MIN_FREE_DISK_BYTES|HEADER_TIMEOUT_S|STREAM_SEND_TIMEOUT_S|"
+    r"ALLOWED_DATA_HOSTS|DOWNLOAD_TIMEOUT_S|COMPOSE_.*)$"
 )
 
 
@@ -182,6 +184,26 @@ def test_engine_settings_keep_the_service_defaults_unless_set(config):
     assert environment["MAX_BATCH_SIZE"] is None
     tuned = resolved(MAX_BATCH_SIZE="8")["services"]["api"]["environment"]
     assert tuned["MAX_BATCH_SIZE"] == "8"
+
+
+# The bounds an operator exposing the service tunes, and the service that reads each.
+BOUNDS = {
+    "api": ["MAX_STORIES_PER_REQUEST", "MAX_REQUEST_TOKENS", "MAX_PROMPT_CHARS",
+            "MAX_CONNECTIONS", "HEADER_TIMEOUT_S", "STREAM_SEND_TIMEOUT_S", "KV_CACHE_BYTES",
+            "MAX_MODEL_BLOCK_SIZE", "MAX_MODEL_PARAMS", "PUBLIC_STATUS"],
+    "worker": ["ALLOWED_DATA_HOSTS", "MAX_DOWNLOAD_BYTES", "DOWNLOAD_TIMEOUT_S",
+               "MIN_FREE_DISK_BYTES"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("service", "variable"),
+    [(service, name) for service, names in BOUNDS.items() for name in names],
+)
+def test_the_bounds_pass_through_to_their_service_when_set_on_the_host(config, service, variable):
+    assert config["services"][service]["environment"][variable] is None
+    tuned = resolved(**{variable: "7"})["services"][service]["environment"]
+    assert tuned[variable] == "7"
 
 
 @pytest.mark.parametrize("service", sorted(FINAL_TARGETS))

@@ -3,6 +3,7 @@ it: real API servers under uvicorn, real `slm worker` processes, a real Redis.""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from workers import jobs_env, link_dataset, tiny_spec, wait_for_job, worker_proc
 
 from contract.jobs import run_key
 from contract.train import TrainConfig
-from model import preset
+from model import GPT, preset
 from model.checkpoint import latest_checkpoint, save_checkpoint
 from worker.trainer import TrainError, train
 
@@ -233,6 +234,17 @@ def test_below_the_floor_the_trainer_writes_no_checkpoint_and_keeps_the_last(tra
     assert train(longer, train_data, run_dir).step == 10  # it resumes from the one kept
 
 
+def test_a_checkpoint_that_would_cross_the_floor_is_not_written(train_data, tmp_path):
+    """The floor counts what the checkpoint itself will write: room for less than that above
+    the floor is no room."""
+    config = TrainConfig(preset="tiny", batch_size=2, block_size=16, warmup_steps=1,
+                         eval_interval=5, eval_iters=1, max_steps=5, device="cpu")  # fmt: skip
+    weights = 4 * GPT(preset("tiny")).num_parameters()  # fp32: one copy of the weights
+    floor = shutil.disk_usage(tmp_path).free - weights  # room for one copy, not for the state
+    with pytest.raises(TrainError, match=r"step 5 was not written .*MIN_FREE_DISK_BYTES"):
+        train(config, train_data, tmp_path / "run", min_free_disk_bytes=floor)
+
+
 # --- item 3: a run belongs to the job that made it --------------------------------------------
 
 
@@ -258,6 +270,24 @@ def test_concurrent_submissions_of_one_run_name_give_exactly_one_202(api):
                 client.delete(f"/train-jobs/{answer.json()['id']}")
     statuses = [sorted(answer.status_code for answer in answers) for answers in rounds]
     assert statuses == [[202] + [409] * 7] * 5
+
+
+def test_simultaneous_resumes_of_one_job_queue_it_once(api, client, env, tmp_path):
+    """A job resumed twice at once would train one run in two work horses."""
+    with worker_process({**env, "MIN_FREE_DISK_BYTES": str(1 << 50)}, tmp_path):
+        job = submit(client, tiny_spec("resumed-run"))
+        assert wait_for_job(client, job["id"], ended, JOB_TIMEOUT_S)["state"] == "failed"
+    start = threading.Barrier(8)
+
+    def resume(_: int) -> int:
+        with api.client(headers=AUTH, timeout=30) as each:
+            start.wait()
+            return each.post(f"/train-jobs/{job['id']}/resume").status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(resume, range(8)))
+    client.delete(f"/train-jobs/{job['id']}")  # no worker runs it: cancelled while queued
+    assert statuses == [202] + [409] * 7
 
 
 @pytest.mark.parametrize(

@@ -46,3 +46,11 @@ def test_an_api_key_shorter_than_16_characters_is_refused(monkeypatch: pytest.Mo
     monkeypatch.setenv("API_KEY", "fifteen-chars!!")
     with pytest.raises(ValidationError, match="API_KEY must be at least 16 characters"):
         Settings()
+
+
+def test_redact_names_the_folders_by_their_settings_and_leaves_other_text_alone() -> None:
+    settings = Settings(checkpoint_dir="/srv/slm/runs", data_dir="/data")
+    message = "no /srv/slm/runs/tales/step-1.json; /data, and https://example.com/data/x.txt"
+    assert settings.redact(message) == (
+        "no CHECKPOINT_DIR/tales/step-1.json; DATA_DIR, and https://example.com/data/x.txt"
+    )

@@ -36,7 +36,8 @@ CREDENTIALS = ("reader", "s3cret-token")
 class InsideHandler(http.server.BaseHTTPRequestHandler):
     """``/stories.txt``; ``/to-inside`` redirects to the server that is not allowed (by name);
     ``/big.txt`` and ``/big-unsized.txt`` (no Content-Length) exceed MAX_DOWNLOAD_BYTES;
-    ``/drip.txt`` sends a byte every 0.2 s; ``/private/stories.txt`` needs CREDENTIALS."""
+    ``/drip.txt`` sends a byte every 0.2 s, ``/drip-headers.txt`` a byte of its headers every
+    0.2 s; ``/private/stories.txt`` needs CREDENTIALS."""
 
     server: InsideServer
 
@@ -62,6 +63,12 @@ class InsideHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             for _ in range(MAX_DOWNLOAD_BYTES // len(stories) + 1):
                 self.wfile.write(stories)
+        elif self.path == "/drip-headers.txt":  # headers that never end
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(200):
+                self.wfile.write(b"X")
+                self.wfile.flush()
+                time.sleep(0.2)
         elif self.path == "/drip.txt":
             self.send_response(200)
             self.send_header("Content-Length", str(len(stories)))
@@ -210,9 +217,11 @@ def test_a_download_over_max_download_bytes_fails_and_leaves_no_file(client, env
     assert files_in(data_folder(env, source)) == []
 
 
-def test_a_download_slower_than_download_timeout_s_fails_in_time(client, allowed) -> None:
+@pytest.mark.parametrize("path", ["drip.txt", "drip-headers.txt"])
+def test_a_download_slower_than_download_timeout_s_fails_in_time(client, allowed, path) -> None:
     started = time.monotonic()
-    message = failure(client, "drip-run", f"http://127.0.0.1:{allowed.server_port}/drip.txt")
+    source = f"http://127.0.0.1:{allowed.server_port}/{path}"
+    message = failure(client, f"{path.split('.')[0]}-run", source)
     assert "DOWNLOAD_TIMEOUT_S" in message, message
     assert time.monotonic() - started < DOWNLOAD_TIMEOUT_S + 30  # not the 40 s the drip takes
 
@@ -247,7 +256,8 @@ def test_a_urls_credentials_are_used_but_never_shown(client, env, allowed) -> No
 @pytest.mark.parametrize(
     "host",
     ["10.1.2.3", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "[::1]",
-     "[::ffff:127.0.0.1]", "[fe80::1]", "[fc00::1]", "no-such-host.invalid"],
+     "[::ffff:127.0.0.1]", "[fe80::1]", "[fc00::1]", "[2002:a00:1::1]", "[64:ff9b::a00:1]",
+     "no-such-host.invalid"],
 )  # fmt: skip
 def test_sources_that_are_not_public_addresses_are_refused(host, tmp_path, monkeypatch):
     monkeypatch.delenv("ALLOWED_DATA_HOSTS", raising=False)

@@ -77,18 +77,19 @@ class DiskFull(TrainError):
     """Less free space than the floor where the run writes: nothing more is written."""
 
 
-def check_free_disk(folder: Path, floor: int, doing: str) -> None:
-    """Refuse (DiskFull) to write into ``folder`` while its file system has fewer than
-    ``floor`` bytes free: a checkpoint that filled the disk would be half-written, and the
-    service, Redis and the system beside it would fail too."""
+def check_free_disk(folder: Path, floor: int, doing: str, writing: int = 0) -> None:
+    """Refuse (DiskFull) to write ``writing`` bytes into ``folder`` when that would leave its
+    file system fewer than ``floor`` bytes free: a checkpoint that filled the disk would be
+    half-written, and the service, Redis and the system beside it would fail too."""
     if floor <= 0:
         return
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     free = shutil.disk_usage(existing).free
-    if free < floor:
+    if free - writing < floor:
+        about = f" before {writing:,} more" if writing else ""
         raise DiskFull(
-            f"{doing}: {free:,} bytes are free where checkpoints go (CHECKPOINT_DIR), below the "
-            f"floor of {floor:,} (MIN_FREE_DISK_BYTES); free some space, then resume"
+            f"{doing}: {free:,} bytes are free where checkpoints go (CHECKPOINT_DIR){about}, "
+            f"below the floor of {floor:,} (MIN_FREE_DISK_BYTES); free some space, then resume"
         )
 
 
@@ -620,10 +621,14 @@ class Trainer:
         """Save the model; ``latest=False`` for the best-so-far copy, which neither moves the
         run's manifest nor is announced: services follow the periodic checkpoints."""
         last = self.last_checkpoint.stem if self.last_checkpoint else "none"
+        # What a checkpoint writes at most: its weights, and the training state beside them
+        # (the weights again and the optimizer's two moments).
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         check_free_disk(
             self.run_dir,
             self.min_free_disk_bytes,
             f"the checkpoint of step {self.step} was not written (the last one, {last}, is whole)",
+            writing=4 * weights,
         )
         metrics = metrics or (self.history[-1] if self.history else {})
         path = save_checkpoint(

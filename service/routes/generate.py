@@ -64,7 +64,8 @@ async def generate(
             if story.logprobs is None
             else [logprob_of(score, tokenizer) for score in story.logprobs],
             **finished_fields(story.finish),
-        )
+        ),
+        [story],
     )
 
 

@@ -216,7 +216,8 @@ async def completions(
                 for index, (story, echo) in enumerate(zip(answers, echoes, strict=True))
             ],
             usage=_usage([story.finish for story in answers], body.n),
-        )
+        ),
+        answers,
     )
 
 
@@ -350,7 +351,8 @@ async def chat_completions(
                 for index, story in enumerate(answers)
             ],
             usage=_usage([story.finish for story in answers], body.n),
-        )
+        ),
+        answers,
     )
 
 

@@ -24,8 +24,9 @@ import ipaddress
 import socket
 import ssl
 import sys
+import threading
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
@@ -255,7 +256,8 @@ def _get(
         if left <= 0:
             raise DataError(_timed_out(shown, rules))
         kind = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
-        connection = kind(target.hostname, _port(target), address, min(left, _IDLE_TIMEOUT_S))
+        timeout = min(left, _IDLE_TIMEOUT_S)
+        connection = kind(target.hostname, _port(target), address, timeout, deadline)
         try:
             connection.request("GET", _path(target), headers=headers)
             response = connection.getresponse()
@@ -310,23 +312,51 @@ def _address(target: SplitResult, rules: DownloadRules, shown: str) -> str:
     return addresses[0]
 
 
+# NAT64's well-known prefix (RFC 6052): 64:ff9b::10.0.0.1 reaches 10.0.0.1 through a gateway.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _public(address: str) -> bool:
+    """Whether ``address`` and every IPv4 address it carries (IPv4-mapped, 6to4, Teredo, NAT64)
+    are global unicast addresses."""
     ip = ipaddress.ip_address(address.partition("%")[0])  # an IPv6 zone is no part of it
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    carried: list[ipaddress.IPv4Address] = []
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        else:
+            carried += [ip.sixtofour] if ip.sixtofour is not None else []
+            carried += list(ip.teredo) if ip.teredo is not None else []
+            if ip in _NAT64:
+                carried.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return all(each.is_global and not each.is_multicast for each in (ip, *carried))
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
     """A connection to ``address``, the one checked, with ``host`` in its Host header. Its
-    ``socket`` stays reachable once the response owns it (http.client drops ``sock`` then)."""
+    ``socket`` stays reachable once the response owns it (http.client drops ``sock`` then).
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    At ``deadline`` a timer shuts the socket down, whatever is reading it: a read's own timeout
+    restarts with every byte, so a server dripping its headers or chunk sizes could otherwise
+    hold the worker past DOWNLOAD_TIMEOUT_S."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: float):
         super().__init__(host, port, timeout=timeout)
         self.address = address
+        self._expiry = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._expiry.daemon = True
 
     def connect(self) -> None:
         self.sock = self.socket = socket.create_connection((self.address, self.port), self.timeout)
+        self._expiry.start()
+
+    def _expire(self) -> None:
+        with suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._expiry.cancel()
+        super().close()
 
 
 class _PinnedHTTPS(_PinnedHTTP):
