@@ -19,3 +19,9 @@ async def engine_of(request: Request) -> Engine:
 
 async def reloader_of(request: Request) -> Reloader:
     return request.app.state.reloader
+
+
+def client_of(request: Request) -> str:
+    """Who sent the request, as the engine's fair queue tells clients apart: the peer's address
+    (behind a proxy, the proxy's: every client is one then)."""
+    return request.client.host if request.client else ""

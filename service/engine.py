@@ -230,6 +230,7 @@ class Generation:
     deadline: float
     engine: Engine
     loop: asyncio.AbstractEventLoop
+    client: str = ""  # who asked (an address): waiting requests join the batch client by client
     queue: asyncio.Queue[Record | EngineError] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     sequence: Sequence | None = None
@@ -305,6 +306,7 @@ class Engine:
         # The decode thread's own:
         self._lanes: list[Lane] = []
         self._joining: list[Generation] = []  # taken from _waiting, not yet in a lane
+        self._turns: dict[str, int] = {}  # stories of each waiting client that joined the batch
         self._outbox: list[tuple[Generation, Record | EngineError]] = []
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
 
@@ -373,22 +375,29 @@ class Engine:
         )
 
     async def submit(
-        self, prompt: str | list[int], params: SamplingParams, run: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        run: str | None = None,
+        client: str = "",
     ) -> Generation:
         """Queue a story; see ``submit_all``."""
-        (generation,) = await self.submit_all([(prompt, params)], run)
+        (generation,) = await self.submit_all([(prompt, params)], run, client)
         return generation
 
     async def submit_all(
-        self, requests: list[tuple[str | list[int], SamplingParams]], run: str | None = None
+        self,
+        requests: list[tuple[str | list[int], SamplingParams]],
+        run: str | None = None,
+        client: str = "",
     ) -> list[Generation]:
-        """Queue stories on ``run``'s model (None: the default run), all or none: prompts are
-        text or token ids. Raises NoModel (the run is not loaded), PromptRejected (more stories
-        than MAX_STORIES_PER_REQUEST or the engine can queue, a text over MAX_PROMPT_CHARS or
-        MAX_PROMPT_TOKENS, more tokens in all than MAX_REQUEST_TOKENS, ids outside the
-        vocabulary, a prompt to score longer than the context) or Busy (the batch and the
-        waiting queue are full). What needs no tokenizer is checked first, so a request refused
-        costs no encoding, and its places are claimed before it is encoded."""
+        """Queue stories on ``run``'s model (None: the default run) for ``client``, all or none:
+        prompts are text or token ids. Raises NoModel (the run is not loaded), PromptRejected
+        (more stories than MAX_STORIES_PER_REQUEST or the engine can queue, a text over
+        MAX_PROMPT_CHARS or MAX_PROMPT_TOKENS, more tokens in all than MAX_REQUEST_TOKENS, ids
+        outside the vocabulary, a prompt to score longer than the context) or Busy (the batch
+        and the waiting queue are full). What needs no tokenizer is checked first, so a request
+        refused costs no encoding, and its places are claimed before it is encoded."""
         lane = self._serving.get(run or self._default or "")
         if lane is None:
             raise NoModel(
@@ -420,7 +429,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = now + self.settings.request_timeout_s
         generations = [
-            Generation(ids, params, lane, now, deadline, self, loop)
+            Generation(ids, params, lane, now, deadline, self, loop, client)
             for ids, (_, params) in zip(encoded, requests, strict=True)
         ]
         with self._cond:
@@ -574,8 +583,7 @@ class Engine:
                     return
                 self._expire_waiting(time.perf_counter())
                 free = self.settings.max_batch_size - self._running()
-                joining = min(free, len(self._waiting))
-                self._joining = [self._waiting.popleft() for _ in range(joining)]
+                self._joining = self._take_fairly(free)
                 WAITING.set(len(self._waiting))
                 # A run reloaded since a request arrived serves it from its newest model.
                 lanes = [self._serving.get(g.lane.run, g.lane) for g in self._joining]
@@ -647,6 +655,26 @@ class Engine:
             DeadlinePassed(f"the story took longer than {timeout:g} s (REQUEST_TIMEOUT_S)"),
         )
         self._release(generation, "timeout")
+
+    def _take_fairly(self, count: int) -> list[Generation]:
+        """Up to ``count`` waiting requests, out of the queue, client by client: each next one
+        is the oldest of the waiting client whose stories joined the batch fewest times since
+        it began waiting; so one client that queued many stories does not keep everyone behind
+        all of them. Under ``_cond``."""
+        if count >= len(self._waiting):
+            taken, self._waiting = list(self._waiting), deque()
+            self._turns.clear()
+            return taken
+        taken = []
+        for _ in range(count):
+            # min() keeps the first of equals: among the clients with fewest turns, arrival order.
+            generation = min(self._waiting, key=lambda g: self._turns.get(g.client, 0))
+            self._waiting.remove(generation)
+            self._turns[generation.client] = self._turns.get(generation.client, 0) + 1
+            taken.append(generation)
+        waiting = {generation.client for generation in self._waiting}
+        self._turns = {client: turns for client, turns in self._turns.items() if client in waiting}
+        return taken
 
     def _requeue(self, generations: list[Generation]) -> None:
         """Back at the head of the waiting queue, in their order; one whose client left while

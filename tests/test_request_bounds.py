@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -47,6 +48,12 @@ def one_slot(tmp_path_factory) -> Iterator[ApiServer]:
     )
 
 
+@pytest.fixture(scope="module")
+def one_slot_queued(tmp_path_factory) -> Iterator[ApiServer]:
+    """A server that writes one story at a time and queues the rest."""
+    yield from serve(tmp_path_factory, MAX_BATCH_SIZE="1", MAX_WAITING="8", MAX_NEW_TOKENS="5000")
+
+
 def post_raw(client: httpx.Client, path: str, body: dict) -> httpx.Response:
     """``body`` as JSON with ASCII escapes, the way a client can send a lone surrogate
     (``"\\ud800"``), which UTF-8 cannot hold."""
@@ -56,6 +63,10 @@ def post_raw(client: httpx.Client, path: str, body: dict) -> httpx.Response:
 
 def running(server: ApiServer) -> float:
     return metric(httpx.get(server.base_url + "/metrics").text, "slm_running_requests")
+
+
+def waiting(server: ApiServer) -> float:
+    return metric(httpx.get(server.base_url + "/metrics").text, "slm_waiting_requests")
 
 
 @contextmanager
@@ -148,6 +159,35 @@ def test_a_whole_answer_stops_decoding_when_its_client_leaves(one_slot, path, bo
         story = client.post("/generate", json={"prompt": "Once", "max_new_tokens": 4,
                                                 "stream": False})  # fmt: skip
     assert story.status_code == 200, story.text
+
+
+def test_waiting_stories_join_the_batch_client_by_client(one_slot_queued) -> None:
+    """One client queues three stories behind its long one; another client's story, queued
+    after them, is written second, not fourth (clients are told apart by address: this one
+    sends from 127.0.0.2)."""
+    server, finished, threads = one_slot_queued, [], []
+
+    def story(name: str, address: str, tokens: int) -> None:
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(base_url=server.base_url, transport=transport, timeout=120) as client:
+            body = {"prompt": "Once", "max_new_tokens": tokens, "seed": 1, "stream": False}
+            response = client.post("/generate", json=body)
+        assert response.status_code == 200, response.text
+        finished.append(name)
+
+    def queue(name: str, address: str, tokens: int) -> None:
+        threads.append(threading.Thread(target=story, args=(name, address, tokens)))
+        threads[-1].start()
+        in_engine = lambda: running(server) + waiting(server) >= len(threads)  # noqa: E731
+        wait_for(in_engine, 10, f"{name} to be in the engine")
+
+    queue("a-long", "127.0.0.1", 3000)  # holds the one slot while the rest queue
+    for index in range(3):
+        queue(f"a-{index}", "127.0.0.1", 60)
+    queue("b", "127.0.0.2", 60)
+    for thread in threads:
+        thread.join()
+    assert finished == ["a-long", "a-0", "b", "a-1", "a-2"]
 
 
 # --- text no tokenizer can read ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from sse_starlette import ServerSentEvent
 
 from model.tokenizer import get_tokenizer
 from service.auth import require_api_key, settings_of
-from service.dependencies import engine_of, reloader_of
+from service.dependencies import client_of, engine_of, reloader_of
 from service.engine import Engine, EngineError, Generation, TextPiece
 from service.errors import error_body, error_responses, from_engine
 from service.limits import event_stream, require_json
@@ -51,7 +51,8 @@ async def generate(
     reloader: Annotated[Reloader, Depends(reloader_of)],
 ) -> Response:
     params = body.sampling(settings_of(request))
-    generation = await engine.submit(body.prompt, params, await reloader.resolve(body.model))
+    run = await reloader.resolve(body.model)
+    generation = await engine.submit(body.prompt, params, run, client_of(request))
     if body.stream:
         return event_stream(request, _events(generation))
     (story,) = await whole_stories(request, [generation])

@@ -32,7 +32,7 @@ from model.generate import FinishReason, TokenLogprob
 from model.sampling import derive_seed, resolve_seed
 from model.tokenizer import Tokenizer, get_tokenizer
 from service.auth import require_api_key, settings_of
-from service.dependencies import reloader_of
+from service.dependencies import client_of, reloader_of
 from service.engine import (
     Engine,
     EngineError,
@@ -143,7 +143,8 @@ async def _submit(
         draws = [dataclasses.replace(params, seed=derive_seed(seed, i)) for i in range(body.n)]
     else:
         draws = [params]
-    return await engine.submit_all([(p, draw) for p in prompts for draw in draws], run)
+    stories = [(prompt, draw) for prompt in prompts for draw in draws]
+    return await engine.submit_all(stories, run, client_of(request))
 
 
 def _usage(finishes: list[Finish], n: int) -> Usage:
