@@ -101,6 +101,13 @@ def alive(pid: int) -> bool:
     return stat[0] != "Z"
 
 
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return f"pid {pid}"
+
+
 def api_pid(supervisor: int) -> int:
     for pid in descendants(supervisor):
         try:
@@ -579,7 +586,7 @@ def main() -> None:
         supervisor.wait()
         gone = wait_until(lambda: not any(alive(pid) for pid in children), 30)
         left = sorted(pid for pid in children if alive(pid))
-        said = "all gone" if gone else f"left: {left}"
+        said = "all gone" if gone else f"left: {[command_of(pid) for pid in left]}"
         outcomes.append(
             report(Outcome("`slm up` killed with SIGKILL", "no child left", said, gone))
         )
