@@ -143,11 +143,16 @@ def answer(response: httpx.Response) -> str:
     return f"{response.status_code}: {message[:110]}"
 
 
+def job_spec(run: str, train: dict | None = None) -> dict:
+    """A train job on the prepared dataset (``prepare``), tiny unless ``train`` says otherwise."""
+    return {"run_name": run, "data": {"dataset": "stories"}, "train": train or TRAIN}
+
+
 # --- the attacks --------------------------------------------------------------------------------
 
 
 def train_from_the_network(target: Target) -> Outcome:
-    spec = {"run_name": "intruder", "data": {"dataset": "stories"}, "train": TRAIN}
+    spec = job_spec("intruder")
     response = httpx.post(f"{target.network}/train-jobs", json=spec, timeout=10)
     return Outcome(
         "train from the network, no key",
@@ -158,7 +163,7 @@ def train_from_the_network(target: Target) -> Outcome:
 
 
 def rebind_dns(target: Target) -> Outcome:
-    spec = {"run_name": "rebound", "data": {"dataset": "stories"}, "train": TRAIN}
+    spec = job_spec("rebound")
     response = httpx.post(
         f"{target.local}/train-jobs", json=spec, headers={"Host": "attacker.example"}, timeout=10
     )
@@ -180,7 +185,7 @@ def list_data_from_the_network(target: Target) -> Outcome:
 def model_too_long_to_serve(target: Target) -> Outcome:
     # Within the spec's own bound on positions (8192), above the server's MAX_MODEL_BLOCK_SIZE.
     train = {**TRAIN, "preset": "small", "model_block_size": 4096}
-    spec = {"run_name": "longest", "data": {"dataset": "stories"}, "train": train}
+    spec = job_spec("longest", train)
     response = httpx.post(f"{target.local}/train-jobs", json=spec, timeout=10)
     return Outcome(
         "a job whose model needs GBs of KV cache",
@@ -257,7 +262,7 @@ def data_source_inside(target: Target) -> Outcome:
 
 
 def one_run_claimed_twice(target: Target) -> Outcome:
-    spec = {"run_name": "twice", "data": {"dataset": "stories"}, "train": TRAIN}
+    spec = job_spec("twice")
     statuses: list[int] = []
     barrier = threading.Barrier(8)
 
