@@ -29,6 +29,8 @@ from service.errors import error_body
 
 # A story streams a few kilobytes a second; a big JSON answer just takes more writes.
 SEND_BUFFER_BYTES = 64 * 1024
+# How long a connection that got a 408 is drained before it is closed (see ``_close_gracefully``).
+LINGER_S = 2.0
 
 
 def _error_answer(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -51,6 +53,7 @@ class BoundedH11Protocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:  # uvicorn's own signature
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
         served = self.app
 
         async def bounded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,6 +84,8 @@ class BoundedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # the answer is sent; what the client still sends is dropped
+            return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the request's headers are complete
             self._cancel_header_timer()
@@ -108,7 +113,7 @@ class BoundedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         partial, _ = self.conn.trailing_data
-        if partial:  # a client that said nothing (a browser's spare connection) just goes
+        if partial:
             message = (
                 f"the request's headers did not arrive within {self.header_timeout_s:g} s "
                 "(HEADER_TIMEOUT_S)"
@@ -116,7 +121,24 @@ class BoundedH11Protocol(H11Protocol):
             headers, body = _error_answer(408, message)
             head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\n" + head + b"\r\n" + body)
-        self.transport.close()
+            self._close_gracefully()
+        else:  # a client that said nothing (a browser's spare connection) just goes
+            self.transport.close()
+
+    def _close_gracefully(self) -> None:
+        """Send the end of the stream after the answer, and close once the client has read it.
+
+        Closing a socket with unread bytes in its receive buffer (the slow client's next header
+        byte) makes the kernel send a reset, and a reset makes the client's kernel drop the 408 it
+        has not read yet. So the write side is shut first and what still arrives is read and
+        dropped, until the client closes its side (``eof_received``) or LINGER_S passes.
+        """
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def bounded_protocol(settings: Settings) -> type[BoundedH11Protocol]:
