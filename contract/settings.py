@@ -227,6 +227,12 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         0, ge=0, le=1024, description="torch threads for decoding; 0: every core"
     )
+    compile_decode: bool = Field(
+        True,
+        description="compile the decode step per batch bucket in the background (torch.compile; "
+        "on CUDA captured in CUDA graphs); requests are served eager until it is ready. Off: "
+        "every step eager at the shapes it needs",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline per generation")
 
     # --- the service: hot reload ---

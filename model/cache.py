@@ -11,11 +11,17 @@ A row's slots hold consecutive positions from its ``offsets`` entry on. With rot
 full row can drop its oldest entries (``drop_oldest``): the keys left keep the rotations of their
 positions, and attention only sees differences of positions, so the sequence goes on at the
 next position without re-encoding anything.
+
+A forward is planned in one of two ways. ``extend`` plans any forward at the shapes it needs (the
+attended length grows with the longest row). ``FixedStep`` plans a decode step at one fixed shape:
+a bucket of rows, every row attending over the whole cache through a length mask, all from one
+small tensor of inputs, so that the step can be compiled once per bucket (``model.decode_step``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -103,6 +109,23 @@ class KVCache:
         """Plan a forward that appends one token to each of rows ``0..batch-1``."""
         return self.extend(0, self.lengths[:batch], [1] * batch)
 
+    def fixed_decode(self, batch: int, bucket: int) -> tuple[list[int], list[int]]:
+        """Book a decode step of rows ``0..batch-1`` padded to ``bucket`` rows: the slot each
+        row writes and the position of its token, for ``FixedStep``. A padding row writes its
+        next free slot, which it has not filled yet (a row waiting for its prefill encodes that
+        slot later in the same step), so it spoils nothing."""
+        if not batch <= bucket <= self.max_batch:
+            raise ValueError(f"cannot pad {batch} rows to {bucket} in a cache of {self.max_batch}")
+        slots = self.lengths[:bucket]
+        if max(slots[:batch], default=0) >= self.max_len:
+            raise ValueError(f"a row fills the cache length {self.max_len}: slide its window first")
+        if max(slots, default=0) >= self.max_len:  # a padding row never fills its cache
+            raise ValueError("a row beyond the decoding ones holds a whole window")
+        positions = [slot + offset for slot, offset in zip(slots, self.offsets, strict=False)]
+        for row in range(batch):
+            self.lengths[row] += 1
+        return slots, positions
+
     def move_rows(self, source: slice, target: int) -> None:
         """Copy the sequences in rows ``source`` to the rows from ``target`` on (to keep the
         batch compact); only the filled part of the cache is copied."""
@@ -138,6 +161,18 @@ def _last(counts: list[int], device: torch.device) -> slice | Tensor:
     if min(counts) == max(counts):
         return slice(-1, None)
     return torch.tensor(counts, device=device) - 1
+
+
+class CachePlan(Protocol):
+    """What a forward through the cache needs: ``CacheStep`` or ``FixedStep``."""
+
+    positions: Tensor  # (B, T) absolute positions of the new tokens
+
+    def update(
+        self, layer: int, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]: ...
+
+    def last_hidden(self, hidden: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -186,3 +221,32 @@ class CacheStep:
         if isinstance(self.last, slice):
             return hidden[:, -1]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.last]
+
+
+class FixedStep:
+    """A decode step at a fixed shape: one token for each of a bucket of rows, which attend over
+    every slot of the cache, those beyond their own length masked. Built from the cache's
+    tensors and one (3, bucket) tensor of token ids, positions and slots
+    (``KVCache.fixed_decode``), so it holds no Python numbers a compiled graph would guard on."""
+
+    def __init__(self, keys: Tensor, values: Tensor, inputs: Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.tokens, positions, self.slots = inputs.unbind(0)
+        self.positions = positions[:, None]
+        self.rows = torch.arange(inputs.shape[1], device=inputs.device)
+        cache_slots = torch.arange(keys.shape[3], device=inputs.device)
+        self.mask = (cache_slots <= self.slots[:, None])[:, None, None, :]
+
+    def update(
+        self, layer: int, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        bucket = self.rows.shape[0]
+        # (B, heads, 1, dim) → each row's slot, written by one index_put on the whole cache: on
+        # a view of it (one layer's), a compiled graph would copy the layer's cache every step.
+        where = (self.rows.new_full((bucket,), layer), self.rows, None, self.slots)
+        torch.ops.aten.index_put_(self.keys, where, k[:, :, 0])
+        torch.ops.aten.index_put_(self.values, where, v[:, :, 0])
+        return self.keys[layer, :bucket], self.values[layer, :bucket], self.mask, False
+
+    def last_hidden(self, hidden: Tensor) -> Tensor:
+        return hidden[:, -1]

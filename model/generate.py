@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.cache import KVCache
+from model.cache import FixedStep, KVCache
+from model.decode_step import (
+    COMPILE_MODES,
+    COMPILED_STEPS,
+    CompileMode,
+    CudaGraphStep,
+    StepShape,
+    bucket_for,
+    bucket_sizes,
+    step_weights,
+)
 from model.gpt import GPT
 from model.loss import token_log_probs
 from model.quantize import quantize_int8
@@ -52,6 +62,8 @@ FinishReason = Literal["stop", "length", "end_of_text"]
 # prefill_tokens, so a burst of prompts (texts to score) goes through in fewer, larger forwards.
 IDLE_PREFILL_FACTOR = 4
 QUANTIZATIONS = ("none", "int8")
+# Up to this many rows the output head multiplies the matrix by the rows' transpose.
+HEAD_TRANSPOSED_ROWS = 8
 
 
 class StopStrings:
@@ -199,6 +211,11 @@ class BatchGenerator:
     ``use_cache=False`` recomputes the whole window for every token (the reference that cached
     decoding is tested and benchmarked against). ``quantization="int8"`` runs int8 linear layers
     on the CPU. ``prefill_tokens`` bounds one prefill forward (prompts × padded length).
+
+    ``decode_step`` says how a decode step runs: ``"off"`` plans each at the shapes it needs
+    (``KVCache.extend``); ``"eager"`` runs it at a bucket's fixed shape (``model.decode_step``);
+    ``"compiled"`` too, compiled in the background, each bucket eager until its compiled step
+    is ready (int8 layers are not compiled: with them it means ``"off"``).
     """
 
     def __init__(
@@ -209,6 +226,7 @@ class BatchGenerator:
         use_cache: bool = True,
         quantization: str = "none",
         prefill_tokens: int = 256,
+        decode_step: CompileMode = "off",
     ) -> None:
         if model.training:
             raise ValueError("call model.eval() before generating (dropout would be active)")
@@ -216,6 +234,8 @@ class BatchGenerator:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
+        if decode_step not in COMPILE_MODES:
+            raise ValueError(f"decode_step must be one of {COMPILE_MODES}, got {decode_step!r}")
         self.config = model.config
         self.tokenizer = tokenizer or get_tokenizer()
         self.use_cache = use_cache
@@ -229,17 +249,50 @@ class BatchGenerator:
             self.device = torch.device("cpu")
         else:
             self.model = model
-            # Decoding reads the whole output matrix (most of the weights) for every token. A
-            # single row multiplies a transposed contiguous copy faster on a CPU (1.59 ms vs
-            # 1.67 ms); from two rows on, the product with the embedding's transpose wins (a
-            # decode step 5-15% faster at batch 2 to 32, BENCHMARKS.md).
+            # Decoding reads the whole output matrix (most of the weights) for every token, and
+            # which product reads it fastest depends on the rows (BENCHMARKS.md, on an AMD EPYC):
+            # one row times a transposed contiguous copy (0.74 ms against 2.4 for `small`); two
+            # to eight rows as the matrix times the rows' transpose (0.7 against 2.7 ms at 4
+            # rows; the answer stays a transposed view, which the sampler reads as fast);
+            # beyond that, F.linear.
             weight = self._head_weight = model.output_weight.detach()
             weight_t = weight.t().contiguous()
-            self._head = lambda hidden: (
-                hidden @ weight_t if hidden.shape[0] == 1 else F.linear(hidden, weight)
-            )
+
+            def head(hidden: Tensor) -> Tensor:
+                rows = hidden.shape[0]
+                if rows == 1:
+                    return hidden @ weight_t
+                if rows <= HEAD_TRANSPOSED_ROWS:
+                    return (weight @ hidden.t()).t()
+                return F.linear(hidden, weight)
+
+            self._head = head
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
         self.sampler = BatchSampler(max_batch, self.config.vocab_size, self.device)
+        if quantization == "int8" and decode_step == "compiled":
+            decode_step = "off"
+        self.decode_step = decode_step
+        self._buckets = bucket_sizes(max_batch)
+        # Each bucket's step inputs (token ids, positions, slots), written in place every step.
+        self._step_inputs = {
+            bucket: torch.zeros((3, bucket), dtype=torch.long, device=self.device)
+            for bucket in (self._buckets if decode_step != "off" else ())
+        }
+        self._step_shapes: dict[int, StepShape] = {}
+        self._cuda_graphs: CudaGraphStep | None = None
+        if decode_step == "compiled":
+            self._step_shapes = {
+                bucket: StepShape(
+                    self.config,
+                    parameter.dtype,
+                    str(self.device),
+                    tuple(self.cache.keys.shape),
+                    bucket,
+                )
+                for bucket in self._buckets
+            }
+            self._step_weights = step_weights(self.model)
+            COMPILED_STEPS.warm(list(self._step_shapes.values()), self.model)
         self.window = self.config.block_size
         self.keep_on_slide = max(1, self.window * 3 // 4)
         self.rows: list[Sequence] = []  # row i of the cache and the sampler holds rows[i]
@@ -350,6 +403,7 @@ class BatchGenerator:
         self.cache = KVCache(self.config, 0, device=self.device, dtype=dtype)
         self.sampler = BatchSampler(0, self.config.vocab_size, self.device)
         self._head = None  # with it goes the head's transposed copy of the output matrix
+        self._cuda_graphs = None  # and the graphs captured on the old cache
 
     def _move_rows(self, source: slice, target: int) -> None:
         self.cache.move_rows(source, target)
@@ -371,9 +425,31 @@ class BatchGenerator:
             scores[row] = TokenLogprob(score.token_id, score.logprob, score.top[:wanted])
         return scores
 
+    def compiled_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every bucket's compiled step is ready (or failed, and runs eager); whether
+        they all got there within ``timeout``. True at once when nothing compiles."""
+        return COMPILED_STEPS.wait(list(self._step_shapes.values()), timeout)
+
     def _decode_forward(self, batch: int) -> Tensor:
-        pending = torch.tensor([[s.tokens[-1]] for s in self.rows[:batch]], device=self.device)
-        return self.model.forward_cached(pending, self.cache.decode(batch))
+        if self.decode_step == "off":
+            pending = torch.tensor([[s.tokens[-1]] for s in self.rows[:batch]], device=self.device)
+            return self.model.forward_cached(pending, self.cache.decode(batch))
+        bucket = bucket_for(batch, self._buckets)
+        slots, positions = self.cache.fixed_decode(batch, bucket)
+        tokens = [s.tokens[-1] for s in self.rows[:batch]] + [0] * (bucket - batch)
+        inputs = self._step_inputs[bucket]
+        inputs.copy_(torch.tensor([tokens, positions, slots]), non_blocking=True)
+        keys, values = self.cache.keys, self.cache.values
+        compiled = COMPILED_STEPS.get(self._step_shapes[bucket]) if self._step_shapes else None
+        if compiled is None:
+            hidden = self.model.forward_cached(inputs[0][:, None], FixedStep(keys, values, inputs))
+        elif self.device.type == "cuda":
+            if self._cuda_graphs is None:
+                self._cuda_graphs = CudaGraphStep(self._step_weights, keys, values)
+            hidden = self._cuda_graphs.run(compiled, inputs)
+        else:
+            hidden = compiled(self._step_weights, keys, values, inputs)
+        return hidden[:batch]
 
     def _prefill_forward(self) -> Tensor | None:
         """Encode the next chunk of the prefill queue: whole prompts, first come first served,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.cache import CacheStep
+from model.cache import CachePlan
 from model.config import NORM_EPS, ROPE_THETA, GPTConfig
 from model.loss import linear_cross_entropy
 
@@ -65,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: Tensor,
         layer: int,
-        cache_step: CacheStep | None,
+        cache_step: CachePlan | None,
         rotary: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         batch, seq, width = x.shape
@@ -130,7 +130,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cache_step: CacheStep | None = None,
+        cache_step: CachePlan | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), self.layer, cache_step, rotary)
@@ -186,7 +186,7 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         positions: Tensor | None = None,
-        cache_step: CacheStep | None = None,
+        cache_step: CachePlan | None = None,
     ) -> Tensor:
         """Token ids (B, T) → final-LayerNorm activations (B, T, n_embd)."""
         seq = idx.shape[1]
@@ -230,7 +230,7 @@ class GPT(nn.Module):
             hidden, head.weight, targets, vocab_size=self.config.vocab_size
         )
 
-    def forward_cached(self, idx: Tensor, cache_step: CacheStep) -> Tensor:
+    def forward_cached(self, idx: Tensor, cache_step: CachePlan) -> Tensor:
         """Run ``idx`` (B, T) through the network, reading and writing the KV cache as planned
         by ``cache_step``; returns each row's final activations at its last real (not padding)
         token (B, n_embd)."""

@@ -372,6 +372,7 @@ class Engine:
             max_batch=kv_cache_rows(loaded.model.config, dtype, self.settings),
             quantization=self.settings.quantization,
             prefill_tokens=self.settings.prefill_tokens,
+            decode_step="compiled" if self.settings.compile_decode else "off",
         )
 
     async def submit(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.decode_step import COMPILED_STEPS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -43,6 +45,12 @@ LOADED_MODEL = Gauge(
 ENGINE_RESTARTS = Counter(
     "slm_engine_restarts_total", "Times the decode loop failed outside a step and started again"
 )
+COMPILED_DECODE_STEPS = Gauge(
+    "slm_compiled_decode_steps",
+    "Decode-step shapes (a model's shape × a batch bucket) compiled and decoding compiled; the "
+    "rest decode eager (COMPILE_DECODE)",
+)
+COMPILED_DECODE_STEPS.set_function(COMPILED_STEPS.compiled_count)
 RELOADS = Counter("slm_reloads_total", "Checkpoint reload attempts by outcome", ["outcome"])
 GENERATIONS = Counter(
     "slm_generations_total",

@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The suite decodes eager unless a test asks for the compiled step (tests/test_decode_step.py):
+# every server and engine it starts would otherwise compile in the background, on a CPU the
+# tests share. Set before any import of the settings; servers inherit it.
+os.environ.setdefault("COMPILE_DECODE", "false")
 from servers import redis_server
 from shared import SHARED_DATA
 from weights import sharp_model
