@@ -1,8 +1,9 @@
-"""Decode speed: our KV-cached generation against our uncached model, Hugging Face's
-``GPT2LMHeadModel.generate`` and, where llama-cpp-python is installed, llama.cpp (our GGUF export
-as f32 and q8_0) on identical weights, in one run, with ratios.
+"""Decode speed: our KV-cached generation (eager, and with the compiled decode step) against our
+uncached model, Hugging Face's ``generate`` and, where llama-cpp-python is installed, llama.cpp
+(our GGUF export as f32 and q8_0) on identical weights, in one run, with ratios.
 
     python bench/decode.py                      # the seed preset at block 512, CPU, fp32
+    python bench/decode.py --preset small       # the default preset
     python bench/decode.py --device cuda --dtype bfloat16
     python bench/decode.py --checkpoint checkpoints/run   # trained weights (int8 loss cost)
 
@@ -25,6 +26,7 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ VALID_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystor
 # The sampled workload: llama-server's default filters, spelled out for both sides.
 TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
 MODES = ("greedy", "sampled")
+COMPILE_TIMEOUT_S = 600
 
 
 def our_params(mode: str, new_tokens: int, seed: int) -> SamplingParams:
@@ -288,6 +291,7 @@ def llama_cpp_decoders(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="trained weights instead of random ones")
+    parser.add_argument("--preset", default="seed", help="the network, with random weights")
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--prompt-tokens", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -303,13 +307,13 @@ def main() -> None:
 
 
 def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
     else:
-        model = GPT(preset("seed", block_size=args.block_size)).eval()
+        model = GPT(preset(args.preset, block_size=args.block_size)).eval()
     if args.prompt_tokens + args.new_tokens > model.config.block_size:
         # Hugging Face's GPT-2 cannot go past its position table (ours slides its window).
         raise SystemExit(
@@ -318,7 +322,8 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         )
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, Path(folder))
-        hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+        # GPT2LMHeadModel, or LlamaForCausalLM for the Llama-style presets (`small`).
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     batches = sorted({1, args.batch})
     llama_decoders, llama_line = llama_cpp_decoders(
         model, batches, args.prompt_tokens + args.new_tokens, args.device, stack
@@ -337,7 +342,15 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     ours = {
         ("ours", 1): BatchGenerator(model, max_batch=1),
         ("ours", batch_n): BatchGenerator(model, max_batch=batch_n),
+        # What `slm serve` runs by default (COMPILE_DECODE): timed once every bucket is compiled.
+        ("ours compiled", 1): BatchGenerator(model, max_batch=1, decode_step="compiled"),
+        ("ours compiled", batch_n): BatchGenerator(
+            model, max_batch=batch_n, decode_step="compiled"
+        ),
     }
+    for kind, batch in [("ours compiled", 1), ("ours compiled", batch_n)]:
+        if not ours[kind, batch].compiled_ready(COMPILE_TIMEOUT_S):
+            sys.exit(f"the decode step for batch {batch} did not compile in {COMPILE_TIMEOUT_S} s")
     int8_model = None
     if args.device == "cpu" and args.dtype == "float32":
         ours["ours int8", 1] = BatchGenerator(model, max_batch=1, quantization="int8")
@@ -349,7 +362,7 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         for (kind, batch), generator in ours.items():
             name = f"{kind}, batch {batch}, {mode}"
             contenders[name] = functools.partial(our_decode, generator, prompts[:batch], new, mode)
-            file_type = "f32" if kind == "ours" else "q8_0"
+            file_type = "q8_0" if kind == "ours int8" else "f32"
             if (file_type, batch) in llama_decoders:
                 llama_peers[name] = (f"llama.cpp {file_type}, batch {batch}, {mode}", file_type)
         for (file_type, batch), decoder in llama_decoders.items():

@@ -38,8 +38,12 @@ from pathlib import Path
 import httpx
 import torch
 from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P  # bench/decode.py: the same sampled chain
+from prometheus_client.parser import text_string_to_metric_families
 
 from contract.broker import free_port
+from model import preset
+from model.cache import KVCache
+from model.decode_step import bucket_sizes
 
 PROMPT = "Once upon a time, there was a little girl who loved to"
 # Nearly a whole 512-token context: the prompt that arrives while streams are running.
@@ -204,10 +208,13 @@ def write_figures(args: argparse.Namespace, figures: dict) -> None:
         args.json.write_text(json.dumps(document, indent=2))
 
 
-def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
+def start_service(
+    checkpoints: Path, port: int, log: Path, compiled_steps: int = 0, **settings: str
+) -> subprocess.Popen:
     """`slm serve` on ``port`` over ``checkpoints``, with ``settings`` as its environment
-    variables (MAX_BATCH_SIZE="64"...), once /ready answers. No Redis and no API key: the
-    benchmarks measure generation only."""
+    variables (MAX_BATCH_SIZE="64"...), once /ready answers and ``compiled_steps`` decode
+    steps are compiled (one per batch bucket; 0: no wait). Prints how long each took. No Redis
+    and no API key: the benchmarks measure generation only."""
     slm = shutil.which("slm") or sys.exit("the `slm` command is not installed (pip install -e .)")
     env = {**os.environ, "CHECKPOINT_DIR": str(checkpoints), **settings}
     env.pop("REDIS_URL", None)
@@ -219,8 +226,29 @@ def start_service(checkpoints: Path, port: int, log: Path, **settings: str) -> s
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
+    started = time.monotonic()
     wait_until_ready(process, f"http://127.0.0.1:{port}/ready", log, "`slm serve`")
+    print(f"slm serve: ready in {time.monotonic() - started:.1f} s", flush=True)
+    if compiled_steps:
+        wait_until_compiled(process, f"http://127.0.0.1:{port}/metrics", compiled_steps, log)
+        print(
+            f"slm serve: {compiled_steps} compiled decode steps warm "
+            f"{time.monotonic() - started:.1f} s after start",
+            flush=True,
+        )
     return process
+
+
+def wait_until_compiled(process: subprocess.Popen, url: str, steps: int, log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"`slm serve` exited with {process.returncode}:\n{log.read_text()}")
+        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+            if family.name == "slm_compiled_decode_steps" and family.samples[0].value >= steps:
+                return
+        time.sleep(0.5)
+    sys.exit(f"`slm serve` did not compile {steps} decode steps within 600 s:\n{log.read_text()}")
 
 
 def start_llama_server(
@@ -295,6 +323,12 @@ def main() -> None:
         default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"),
         help="the peer's binary (default: $LLAMA_SERVER, else llama-server on PATH)",
     )
+    parser.add_argument(
+        "--compile-decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="COMPILE_DECODE for our server; measuring starts once every bucket is compiled",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     threads = torch.get_num_threads()
@@ -303,6 +337,8 @@ def main() -> None:
         root = Path(folder)
         checkpoints = root / "checkpoints"
         init_run(checkpoints / RUN, args.preset, args.block_size)
+        config = preset(args.preset, block_size=args.block_size)
+        row_bytes = KVCache.row_bytes(config, torch.float32)
         servers: dict[str, str] = {}
         processes = []
         try:
@@ -312,9 +348,13 @@ def main() -> None:
                     checkpoints,
                     port,
                     root / "serve.log",
+                    len(bucket_sizes(args.max_batch)) if args.compile_decode else 0,
                     MAX_BATCH_SIZE=str(args.max_batch),
                     MAX_WAITING="1024",
                     DECODE_THREADS=str(threads),
+                    COMPILE_DECODE=str(args.compile_decode).lower(),
+                    # A row of the KV cache per stream, as llama-server has a slot per stream.
+                    KV_CACHE_BYTES=str(max(256 << 20, args.max_batch * row_bytes)),
                 )
             )
             servers["ours"] = f"http://127.0.0.1:{port}"
@@ -383,7 +423,7 @@ def report(args: argparse.Namespace, figures: dict, threads: int) -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {threads} threads each, preset {args.preset} at block "
         f"{args.block_size}, {args.new_tokens} new tokens, {args.requests} streams per client, "
-        f"medians of {args.repeats} interleaved runs"
+        f"medians of {args.repeats} interleaved runs, COMPILE_DECODE={args.compile_decode}"
     )
     print(
         "| mode | streams | ours tok/s | llama-server tok/s | ratio | TTFT p50 ours / theirs ms "

@@ -90,8 +90,10 @@ def decode_function(config: GPTConfig) -> StepFunction:
 
 
 def step_weights(model: GPT) -> dict[str, Tensor]:
-    """The weights ``decode_function``'s steps take, named as the skeleton names them."""
-    return {f"gpt.{name}": parameter for name, parameter in model.named_parameters()}
+    """The weights ``decode_function``'s steps take, named as the skeleton names them; detached,
+    as the compiled steps were traced with them (a parameter that requires grad would fail
+    their guards, and the step would run eager)."""
+    return {f"gpt.{name}": parameter.detach() for name, parameter in model.named_parameters()}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ class StepShape:
     device: str
     cache_shape: tuple[int, ...]
     bucket: int
+    # Whether the cache was made under inference mode: guards tell such tensors apart, so a step
+    # compiled for the one kind would run eager on the other.
+    inference: bool
 
 
 @dataclass
@@ -152,9 +157,11 @@ class CompiledSteps:
                 self._steps[shape] = _Compiled()
         if not missing:
             return None
-        weights = {name: tensor.detach() for name, tensor in step_weights(model).items()}
         thread = threading.Thread(
-            target=self._compile_all, args=(missing, weights), name="slm-compile", daemon=True
+            target=self._compile_all,
+            args=(missing, step_weights(model)),
+            name="slm-compile",
+            daemon=True,
         )
         thread.start()
         return thread
@@ -189,9 +196,10 @@ def _compile(shape: StepShape, weights: dict[str, Tensor]) -> StepFunction:
     step that only ever runs what was compiled (``torch._dynamo.run``): were its guards to fail
     on the decode thread, it would run eager there rather than compile in the middle of a step."""
     function = torch.compile(decode_function(shape.config), fullgraph=True, dynamic=False)
-    keys = torch.zeros(shape.cache_shape, dtype=shape.dtype, device=shape.device)
-    values = torch.zeros_like(keys)
-    inputs = torch.zeros((3, shape.bucket), dtype=torch.long, device=shape.device)
+    with torch.inference_mode(shape.inference):
+        keys = torch.zeros(shape.cache_shape, dtype=shape.dtype, device=shape.device)
+        values = torch.zeros_like(keys)
+        inputs = torch.zeros((3, shape.bucket), dtype=torch.long, device=shape.device)
     # Every shape's step is a compilation of the same code object, whose cache dynamo bounds
     # by recompile_limit (8): one entry per shape is the point here, not a runaway.
     with dynamo_config.patch(recompile_limit=MAX_COMPILED_SHAPES):

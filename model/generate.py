@@ -288,6 +288,7 @@ class BatchGenerator:
                     str(self.device),
                     tuple(self.cache.keys.shape),
                     bucket,
+                    self.cache.keys.is_inference(),
                 )
                 for bucket in self._buckets
             }

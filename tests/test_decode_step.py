@@ -189,3 +189,42 @@ def test_the_service_serves_eager_at_once_and_the_same_stories_once_compiled(tmp
         late = client.post("/generate", json=body)
     assert late.status_code == 200, late.text
     assert early.json()["token_ids"] == late.json()["token_ids"] == expected.generated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_on_cuda_the_fixed_step_and_its_cuda_graphs_tell_the_eager_stories(mode) -> None:
+    model = flat_model().cuda()
+    requests = [(PROMPTS[i % 4], replace(FLAT_CASES["top-k"], seed=i)) for i in range(6)]
+    expected = [s.generated for s in run_to_end(BatchGenerator(model, max_batch=8), requests)]
+    generator = (
+        compiled_generator(model, 8)
+        if mode == "compiled"
+        else BatchGenerator(model, max_batch=8, decode_step="eager")
+    )
+    assert [s.generated for s in run_to_end(generator, requests)] == expected
+    if mode == "compiled":  # the steps ran as CUDA graphs, not eager
+        assert generator._cuda_graphs is not None
+
+
+def compiled_regions(generator: BatchGenerator) -> int:
+    """How many of one step's operations ran in compiled code (the profiler's record)."""
+    with torch.profiler.profile() as profiler:
+        generator.step()
+    return sum("Compiled" in event.name for event in profiler.events())
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["built-normally", "in-inference-mode"])
+def test_the_steps_run_compiled_once_ready_however_the_generator_was_built(inference) -> None:
+    # Guards tell inference tensors from others: a step compiled for the wrong kind would run
+    # eager for ever, every story still right.
+    with torch.inference_mode(inference):  # as the service's decode thread builds them
+        generator = compiled_generator(flat_model(), 4)
+        for seed in range(3):
+            generator.add([1, 2, 3], replace(FLAT_CASES["plain"], seed=seed))
+        generator.step()  # the prefill
+        assert compiled_regions(generator) > 0
+    eager = BatchGenerator(flat_model(), max_batch=4, decode_step="eager")
+    eager.add([1, 2, 3], FLAT_CASES["plain"])
+    eager.step()
+    assert compiled_regions(eager) == 0
