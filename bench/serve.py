@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,15 +241,14 @@ def start_service(
 
 
 def wait_until_compiled(process: subprocess.Popen, url: str, steps: int, log: Path) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"`slm serve` exited with {process.returncode}:\n{log.read_text()}")
-        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-            if family.name == "slm_compiled_decode_steps" and family.samples[0].value >= steps:
-                return
-        time.sleep(0.5)
-    sys.exit(f"`slm serve` did not compile {steps} decode steps within 600 s:\n{log.read_text()}")
+    def compiled() -> bool:
+        families = text_string_to_metric_families(httpx.get(url, timeout=5).text)
+        return any(
+            family.name == "slm_compiled_decode_steps" and family.samples[0].value >= steps
+            for family in families
+        )
+
+    wait_until(process, compiled, log, f"`slm serve`'s {steps} compiled decode steps", 600)
 
 
 def start_llama_server(
@@ -272,18 +272,29 @@ def start_llama_server(
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, log: Path, name: str) -> None:
-    deadline = time.monotonic() + 120
+    def answers() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(process, answers, log, name, 120)
+
+
+def wait_until(
+    process: subprocess.Popen, ready: Callable[[], bool], log: Path, what: str, seconds: float
+) -> None:
+    """Poll ``ready`` until it holds; exit with the server's log if it dies or ``seconds`` pass
+    (killing it then)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"{name} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+            sys.exit(f"{what}: the server exited with {process.returncode}:\n{log.read_text()}")
+        if ready():
+            return
         time.sleep(0.2)
     process.kill()
-    sys.exit(f"{name} was not ready within 120 s:\n{log.read_text()}")
+    sys.exit(f"{what}: not ready within {seconds:g} s:\n{log.read_text()}")
 
 
 def ratio(ours: float | None, theirs: float | None) -> str:

@@ -119,9 +119,10 @@ class KVCache:
         slots = self.lengths[:bucket]
         if max(slots[:batch], default=0) >= self.max_len:
             raise ValueError(f"a row fills the cache length {self.max_len}: slide its window first")
-        if max(slots, default=0) >= self.max_len:  # a padding row never fills its cache
+        if max(slots[batch:], default=0) >= self.max_len:  # a padding row never fills its cache
             raise ValueError("a row beyond the decoding ones holds a whole window")
-        positions = [slot + offset for slot, offset in zip(slots, self.offsets, strict=False)]
+        offsets = self.offsets[:bucket]
+        positions = [slot + offset for slot, offset in zip(slots, offsets, strict=True)]
         for row in range(batch):
             self.lengths[row] += 1
         return slots, positions
