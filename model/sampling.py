@@ -48,6 +48,8 @@ MAX_SEED = 2**53 - 1
 # Rows with top-p or min-p but no top-k look for their nucleus among this many best tokens
 # first, and sort the whole vocabulary only when it is not there (a flat distribution).
 NUCLEUS_CANDIDATES = 256
+# A whole-vocabulary draw finds its token's block of this many tokens first, then the token.
+VOCABULARY_BLOCK = 256
 
 # How stories are written unless a request says otherwise: the one set `slm generate`, `slm eval`,
 # POST /generate and the playground use (nanoGPT's sample.py settings, which suit models this
@@ -209,6 +211,7 @@ class BatchSampler:
         # far (the repetition penalty), and how often each was generated (presence, frequency).
         self._seen: Tensor | None = None
         self._counts: Tensor | None = None
+        self._vocabulary_work: Tensor | None = None  # the whole-vocabulary draw's weights
         self._version = 0
         self._groups_cache: tuple[tuple[int, int, int], _Groups] | None = None
 
@@ -298,8 +301,9 @@ class BatchSampler:
         draw_keys = mix32(self.keys[rows] ^ mix32(self.draws[rows]))
         if groups.plain is not None:
             index = groups.plain
-            scaled = self._scaled(logits[index], self._rows(index, rows))
-            picks[index] = self._draw_from_vocabulary(scaled, draw_keys[index])
+            picks[index] = self._draw_from_vocabulary(
+                logits[index], self._rows(index, rows), draw_keys[index]
+            )
         if groups.filtered is not None:
             index = groups.filtered
             picks[index] = self._draw_among_candidates(
@@ -376,14 +380,42 @@ class BatchSampler:
         # those settings tend to.
         return torch.nan_to_num(logits / self.temperature[rows, None], nan=0.0)
 
-    def _draw_from_vocabulary(self, scaled: Tensor, draw_keys: Tensor) -> Tensor:
-        """Inverse-CDF sampling in vocabulary order, one uniform per row. The running sum is
-        float64: in float32, its rounding error over 50k terms (~1e-5) would move the
-        boundaries between tokens by far more than a batched forward moves the logits."""
-        cumulative = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1, dtype=torch.float64)
-        targets = _unit(mix32(draw_keys)) * cumulative[:, -1]
-        picks = torch.searchsorted(cumulative, targets[:, None]).squeeze(1)
-        return picks.clamp_(max=self.vocab_size - 1)
+    def _draw_from_vocabulary(
+        self, logits: Tensor, rows: Tensor | slice, draw_keys: Tensor
+    ) -> Tensor:
+        """Inverse-CDF sampling in vocabulary order, one uniform per row, in two levels: the
+        uniform picks a block of VOCABULARY_BLOCK tokens by the blocks' running sum, then a
+        token by the running sum inside that block. The running sums are float64: in float32,
+        their rounding over 50k terms (~1e-5) would move the boundaries between tokens by far
+        more than a batched forward moves the logits (a block's own sum of 256 terms rounds
+        at ~1e-7). One running sum over the whole vocabulary would be the same draw, but a
+        sequential float64 scan of every token in a fresh buffer cost 9 ms at 16 rows against
+        1 ms for greedy (BENCHMARKS.md); the weights are written into a buffer kept for it."""
+        count, vocab = logits.shape
+        blocks = -(-vocab // VOCABULARY_BLOCK)
+        if self._vocabulary_work is None:  # its padding columns stay 0: tokens of no weight
+            shape = (len(self._params), blocks * VOCABULARY_BLOCK)
+            self._vocabulary_work = torch.zeros(shape, device=self.device)
+        work = self._vocabulary_work[:count]
+        weights = work[:, :vocab]
+        torch.div(logits, self.temperature[rows, None], out=weights)
+        torch.nan_to_num_(weights, nan=0.0)  # as _scaled does
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+        by_block = work.view(count, blocks, VOCABULARY_BLOCK)
+        block_ends = torch.cumsum(by_block.sum(dim=-1), dim=-1, dtype=torch.float64)
+        targets = (_unit(mix32(draw_keys)) * block_ends[:, -1])[:, None]
+        block = torch.searchsorted(block_ends, targets).clamp_(max=blocks - 1)
+        before = block_ends.gather(1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0.0)
+        inside = torch.cumsum(
+            by_block[torch.arange(count, device=work.device), block[:, 0]],
+            dim=-1,
+            dtype=torch.float64,
+        )
+        # target - before lies in (0, the block's sum]; min: the block's own running sum may
+        # round a hair below that sum, and the draw must stay on a token of the block.
+        residual = torch.minimum(targets - before, inside[:, -1:])
+        picks = block * VOCABULARY_BLOCK + torch.searchsorted(inside, residual)
+        return picks.squeeze(1).clamp_(max=vocab - 1)
 
     def _draw_among_candidates(
         self, logits: Tensor, rows: Tensor | slice, draw_keys: Tensor, groups: _Groups
