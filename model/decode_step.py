@@ -108,6 +108,9 @@ class StepShape:
     # Whether the cache was made under inference mode: guards tell such tensors apart, so a step
     # compiled for the one kind would run eager on the other.
     inference: bool
+    # The torch threads it runs on: its C++ kernels are generated for that many, and its guards
+    # check the count, so a step run on another count would run eager.
+    threads: int
 
 
 @dataclass
@@ -196,6 +199,8 @@ def _compile(shape: StepShape, weights: dict[str, Tensor]) -> StepFunction:
     step that only ever runs what was compiled (``torch._dynamo.run``): were its guards to fail
     on the decode thread, it would run eager there rather than compile in the middle of a step."""
     function = torch.compile(decode_function(shape.config), fullgraph=True, dynamic=False)
+    torch.get_num_threads()  # see service.engine.use_torch_threads: the count must take
+    torch.set_num_threads(shape.threads)
     with torch.inference_mode(shape.inference):
         keys = torch.zeros(shape.cache_shape, dtype=shape.dtype, device=shape.device)
         values = torch.zeros_like(keys)

@@ -216,6 +216,10 @@ class BatchGenerator:
     (``KVCache.extend``); ``"eager"`` runs it at a bucket's fixed shape (``model.decode_step``);
     ``"compiled"`` too, compiled in the background, each bucket eager until its compiled step
     is ready (int8 layers are not compiled: with them it means ``"off"``).
+
+    ``threads``: the torch threads every ``step`` runs on, whichever thread calls it (the
+    caller's count is restored after); by default the constructing thread's count. A compiled
+    step is specialised to its count, so the generator, not its caller, owns it.
     """
 
     def __init__(
@@ -227,6 +231,7 @@ class BatchGenerator:
         quantization: str = "none",
         prefill_tokens: int = 256,
         decode_step: CompileMode = "off",
+        threads: int | None = None,
     ) -> None:
         if model.training:
             raise ValueError("call model.eval() before generating (dropout would be active)")
@@ -237,6 +242,7 @@ class BatchGenerator:
         if decode_step not in COMPILE_MODES:
             raise ValueError(f"decode_step must be one of {COMPILE_MODES}, got {decode_step!r}")
         self.config = model.config
+        self.threads = threads or torch.get_num_threads()
         self.tokenizer = tokenizer or get_tokenizer()
         self.use_cache = use_cache
         self.prefill_tokens = prefill_tokens
@@ -289,6 +295,7 @@ class BatchGenerator:
                     tuple(self.cache.keys.shape),
                     bucket,
                     self.cache.keys.is_inference(),
+                    self.threads,
                 )
                 for bucket in self._buckets
             }
@@ -346,6 +353,14 @@ class BatchGenerator:
     def step(self) -> list[TokenEvent]:
         """One iteration: a bounded prefill for the sequences waiting, one decode step for the
         running ones, and a token for each of both; finished sequences leave the batch."""
+        callers = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._step()
+        finally:
+            torch.set_num_threads(callers)
+
+    def _step(self) -> list[TokenEvent]:
         decoding = self.decoding
         if self.use_cache:
             hidden = [self._decode_forward(decoding)] if decoding else []

@@ -373,6 +373,7 @@ class Engine:
             quantization=self.settings.quantization,
             prefill_tokens=self.settings.prefill_tokens,
             decode_step="compiled" if self.settings.compile_decode else "off",
+            threads=decode_threads(self.settings.decode_threads),
         )
 
     async def submit(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -228,3 +229,29 @@ def test_the_steps_run_compiled_once_ready_however_the_generator_was_built(infer
     eager.add([1, 2, 3], FLAT_CASES["plain"])
     eager.step()
     assert compiled_regions(eager) == 0
+
+
+def test_the_steps_run_compiled_on_the_generators_thread_count_whoever_calls_them() -> None:
+    # As in the service: built on one thread with one torch thread (the reloader), stepped on
+    # another with a different count (the decode thread). A compiled step's guards check the
+    # count: were the step to run on the caller's, it would run eager for ever.
+    built: dict[str, BatchGenerator] = {}
+
+    def build() -> None:
+        torch.set_num_threads(1)
+        built["generator"] = compiled_generator(flat_model(), 4, threads=2)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    builder.join()
+    generator = built["generator"]
+    callers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in range(3):
+            generator.add([1, 2, 3], replace(FLAT_CASES["plain"], seed=seed))
+        generator.step()  # the prefill
+        assert compiled_regions(generator) > 0
+        assert torch.get_num_threads() == 1  # the caller's count, restored
+    finally:
+        torch.set_num_threads(callers)
