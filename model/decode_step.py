@@ -1,4 +1,4 @@
-"""The decode step at fixed shapes: compiled once per bucket of rows, with eager as the reference.
+"""The decode step at fixed shapes: compiled for every bucket of rows, with eager as the reference.
 
 At batch 1 a small model's decode step is ~150 small operations; eager PyTorch pays a few
 microseconds of Python and dispatch for each on a CPU, and a kernel launch each on a GPU, which
@@ -12,15 +12,18 @@ is most of the step for a model this size. So the step is built the way gpt-fast
 - the weights are inputs of the graph, not constants baked into it (the network runs through
   ``torch.func.functional_call`` on a weightless skeleton of its config), so a model reloaded
   with the same shape runs the code compiled for the one before it;
-- ``torch.compile(fullgraph=True, dynamic=False)`` compiles each bucket: inductor's C++ kernels
-  on a CPU; on CUDA the compiled step is then captured in a CUDA graph per bucket
-  (``CudaGraphStep``), so a step is one launch.
+- ``torch.compile(fullgraph=True)`` compiles two graphs: one for a single row, and one whose
+  rows are a symbolic size for every bigger bucket (compiling a graph per bucket took 190 s
+  for seven buckets on 2 cores, these two 70 s, and steps as fast: BENCHMARKS.md); inductor's
+  C++ kernels on a CPU; on CUDA the compiled step is then captured in a CUDA graph per bucket
+  (``CudaGraphStep``), so a step is one launch, at the bucket's fixed shape.
 
 Compiling takes seconds, so it never happens on the decode path. ``warm`` compiles every bucket
-in a background thread, and a generator runs a bucket eager until its compiled step is ready.
-Compiled steps are shared by every generator of the same shape and kept for the process's life;
-inductor caches the generated code on disk (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles
-faster. Any compile error leaves that shape eager, logged once.
+in a background thread (past the first two, a bucket only checks the graph it shares), and a
+generator runs a bucket eager until its compiled step is ready. Compiled steps are shared by
+every generator of the same shape and kept for the process's life; inductor caches the
+generated code on disk (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles faster. Any compile
+error leaves that shape eager, logged once.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -127,6 +130,8 @@ class CompiledSteps:
 
     def __init__(self) -> None:
         self._steps: dict[StepShape, _Compiled] = {}
+        # One torch.compile per family of shapes (``_family``): its graphs, however many.
+        self._functions: dict[StepShape, StepFunction] = {}
         self._lock = threading.Lock()
         self._compiling = threading.Lock()
 
@@ -176,7 +181,14 @@ class CompiledSteps:
             for index, shape in enumerate(shapes):
                 started = time.monotonic()
                 try:
-                    self._steps[shape].function = _compile(shape, weights)
+                    family = _family(shape)
+                    if family not in self._functions:
+                        self._functions[family] = torch.compile(
+                            decode_function(shape.config),
+                            fullgraph=True,
+                            dynamic=False if shape.bucket == 1 else None,
+                        )
+                    self._steps[shape].function = _compile(self._functions[family], shape, weights)
                 except Exception:  # whatever the compiler's failure, the step decodes eager
                     log.exception(
                         "compiling the decode step failed (bucket of %d rows); it decodes eager "
@@ -194,17 +206,26 @@ class CompiledSteps:
                 self._steps[shape].ready.set()
 
 
-def _compile(shape: StepShape, weights: dict[str, Tensor]) -> StepFunction:
-    """Compile, by running once (that is when compiling happens) on scratch inputs; returns the
-    step that only ever runs what was compiled (``torch._dynamo.run``): were its guards to fail
-    on the decode thread, it would run eager there rather than compile in the middle of a step."""
-    function = torch.compile(decode_function(shape.config), fullgraph=True, dynamic=False)
+def _family(shape: StepShape) -> StepShape:
+    """Buckets of two rows or more share one graph whose rows are a symbolic size, so the
+    buckets after the first compile in no time; one row gets a graph of its own (a dimension
+    of 1 is always specialised)."""
+    return replace(shape, bucket=min(shape.bucket, 2))
+
+
+def _compile(function: StepFunction, shape: StepShape, weights: dict[str, Tensor]) -> StepFunction:
+    """Compile ``function`` (a ``torch.compile`` of ``decode_function``) for ``shape`` by running
+    it once (that is when compiling happens) on scratch inputs; returns the step that only ever
+    runs what was compiled (``torch._dynamo.run``): were its guards to fail on the decode
+    thread, it would run eager there rather than compile in the middle of a step."""
     torch.get_num_threads()  # see service.engine.use_torch_threads: the count must take
     torch.set_num_threads(shape.threads)
     with torch.inference_mode(shape.inference):
         keys = torch.zeros(shape.cache_shape, dtype=shape.dtype, device=shape.device)
         values = torch.zeros_like(keys)
         inputs = torch.zeros((3, shape.bucket), dtype=torch.long, device=shape.device)
+    if shape.bucket > 1:
+        torch._dynamo.maybe_mark_dynamic(inputs, 1)
     # Every shape's step is a compilation of the same code object, whose cache dynamo bounds
     # by recompile_limit (8): one entry per shape is the point here, not a runaway.
     with dynamo_config.patch(recompile_limit=MAX_COMPILED_SHAPES):
