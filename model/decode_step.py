@@ -42,6 +42,7 @@ from torch._inductor import config as inductor_config
 
 from model.cache import FixedStep
 from model.config import GPTConfig
+from model.device import use_torch_threads
 from model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,7 @@ def _compile(function: StepFunction, shape: StepShape, weights: dict[str, Tensor
     it once (that is when compiling happens) on scratch inputs; returns the step that only ever
     runs what was compiled (``torch._dynamo.run``): were its guards to fail on the decode
     thread, it would run eager there rather than compile in the middle of a step."""
-    torch.get_num_threads()  # see service.engine.use_torch_threads: the count must take
-    torch.set_num_threads(shape.threads)
+    use_torch_threads(shape.threads)
     with torch.inference_mode(shape.inference):
         keys = torch.zeros(shape.cache_shape, dtype=shape.dtype, device=shape.device)
         values = torch.zeros_like(keys)

@@ -51,6 +51,7 @@ from model.decode_step import (
     bucket_sizes,
     step_weights,
 )
+from model.device import use_torch_threads
 from model.gpt import GPT
 from model.loss import token_log_probs
 from model.quantize import quantize_int8
@@ -353,8 +354,7 @@ class BatchGenerator:
     def step(self) -> list[TokenEvent]:
         """One iteration: a bounded prefill for the sequences waiting, one decode step for the
         running ones, and a token for each of both; finished sequences leave the batch."""
-        callers = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        callers = use_torch_threads(self.threads)
         try:
             return self._step()
         finally:

@@ -374,11 +374,14 @@ class BatchSampler:
             - self.frequency[rows, None] * generated
         )
 
-    def _scaled(self, logits: Tensor, rows: Tensor | slice) -> Tensor:
-        # Extreme but valid settings (a temperature of 1e300 is inf in float32) can give inf or
-        # nan logits; clamped to the finite range, the draw goes to the best tokens, the limit
-        # those settings tend to.
-        return torch.nan_to_num(logits / self.temperature[rows, None], nan=0.0)
+    def _scaled(self, logits: Tensor, rows: Tensor | slice, out: Tensor | None = None) -> Tensor:
+        """``logits`` over the rows' temperatures, into ``out`` when given.
+
+        Extreme but valid settings (a temperature of 1e300 is inf in float32) can give inf or
+        nan logits; clamped to the finite range, the draw goes to the best tokens, the limit
+        those settings tend to."""
+        scaled = torch.div(logits, self.temperature[rows, None], out=out)
+        return torch.nan_to_num_(scaled, nan=0.0)
 
     def _draw_from_vocabulary(
         self, logits: Tensor, rows: Tensor | slice, draw_keys: Tensor
@@ -397,9 +400,7 @@ class BatchSampler:
             shape = (len(self._params), blocks * VOCABULARY_BLOCK)
             self._vocabulary_work = torch.zeros(shape, device=self.device)
         work = self._vocabulary_work[:count]
-        weights = work[:, :vocab]
-        torch.div(logits, self.temperature[rows, None], out=weights)
-        torch.nan_to_num_(weights, nan=0.0)  # as _scaled does
+        weights = self._scaled(logits, rows, out=work[:, :vocab])
         weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
         by_block = work.view(count, blocks, VOCABULARY_BLOCK)
         block_ends = torch.cumsum(by_block.sum(dim=-1), dim=-1, dtype=torch.float64)

@@ -43,6 +43,7 @@ import torch
 
 from contract.capacity import kv_cache_rows
 from contract.settings import Settings
+from model.device import use_torch_threads
 from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent, TokenLogprob
 from model.sampling import SamplingParams
 from service.loaded import LoadedModel
@@ -200,22 +201,6 @@ def decode_threads(configured: int) -> int:
     streams ran at 618 and 831 tokens/s with one decode thread against 714 and 1236 with two
     (BENCHMARKS.md); the loop's work per token is small beside a decode step."""
     return configured or len(os.sched_getaffinity(0))
-
-
-def use_torch_threads(count: int) -> None:
-    """Set the calling thread's torch (OpenMP) thread count.
-
-    Two traps, both measured (BENCHMARKS.md): torch sets a thread's count lazily, at its first
-    parallel op, to the value any thread set last, so a count set before that op is undone
-    (the decode thread decoded on one core after a checkpoint loaded on another thread); hence
-    the ``get_num_threads`` first. And a thread that runs parallel ops keeps OpenMP threads of
-    its own: once the process holds more of them than cores, libgomp stops them spinning between
-    ops, and every decode step waits for sleeping threads to wake (6.8 → 9.9 ms at batch 1).
-    So the decode thread takes every core and any other thread that runs torch (loading a
-    checkpoint, building a lane) takes one.
-    """
-    torch.get_num_threads()
-    torch.set_num_threads(count)
 
 
 @dataclass(eq=False)  # identity: a request is itself, whatever it holds

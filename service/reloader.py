@@ -55,8 +55,8 @@ from model.checkpoint import (
     read_meta,
     run_checkpoints,
 )
-from model.device import pick_device
-from service.engine import Engine, NoModel, UnknownModel, no_model_message, use_torch_threads
+from model.device import pick_device, use_torch_threads
+from service.engine import Engine, NoModel, UnknownModel, no_model_message
 from service.loaded import LoadedModel
 from service.metrics import RELOADS
 from service.schemas import ReloadOutcome, ReloadReport

@@ -15,6 +15,7 @@ from servers import wait_for, write_checkpoint
 
 from contract.settings import Settings
 from model.checkpoint import load_checkpoint
+from model.device import use_torch_threads
 from model.sampling import SamplingParams
 from service.engine import (
     Busy,
@@ -24,7 +25,6 @@ from service.engine import (
     PromptRejected,
     Story,
     TextPiece,
-    use_torch_threads,
 )
 from service.loaded import LoadedModel
 

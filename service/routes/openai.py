@@ -196,9 +196,7 @@ def _prompt_text(prompt: str | list[int], tokenizer: Tokenizer) -> str:
 
 
 @_answers("/completions", Completion)
-async def completions(
-    body: CompletionRequest, request: Request
-) -> Response:
+async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = body.prompts
     generations = await _submit(request, body, prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -328,9 +326,7 @@ def _chat_logprobs(scores: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogp
 
 
 @_answers("/chat/completions", ChatCompletion)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     generations = await _submit(request, body, [body.prompt])
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
