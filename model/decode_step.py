@@ -14,9 +14,13 @@ is most of the step for a model this size. So the step is built the way gpt-fast
   with the same shape runs the code compiled for the one before it;
 - ``torch.compile(fullgraph=True)`` compiles two graphs: one for a single row, and one whose
   rows are a symbolic size for every bigger bucket (compiling a graph per bucket took 190 s
-  for seven buckets on 2 cores, these two 70 s, and steps as fast: BENCHMARKS.md); inductor's
-  C++ kernels on a CPU; on CUDA the compiled step is then captured in a CUDA graph per bucket
-  (``CudaGraphStep``), so a step is one launch, at the bucket's fixed shape.
+  for seven buckets on 2 cores, these two 70 s, and steps as fast: BENCHMARKS.md); on CUDA
+  the compiled step is then captured in a CUDA graph per bucket (``CudaGraphStep``), so a step
+  is one launch, at the bucket's fixed shape;
+- on a CPU, inductor's C++ kernels are called from a C++ wrapper (``cpp_wrapper``), which
+  releases the GIL for the whole step: called from Python, each generated kernel holds it, and
+  the server's event loop, which streams the tokens out, waited for the step (served, one
+  stream greedy, 450 → 552 tokens/s: BENCHMARKS.md).
 
 Compiling takes seconds, so it never happens on the decode path. ``warm`` compiles every bucket
 in a background thread (past the first two, a bucket only checks the graph it shares), and a
@@ -189,7 +193,9 @@ class CompiledSteps:
                             fullgraph=True,
                             dynamic=False if shape.bucket == 1 else None,
                         )
-                    self._steps[shape].function = _compile(self._functions[family], shape, weights)
+                    with inductor_config.patch(cpp_wrapper=shape.device == "cpu"):
+                        compiled = _compile(self._functions[family], shape, weights)
+                    self._steps[shape].function = compiled
                 except Exception:  # whatever the compiler's failure, the step decodes eager
                     log.exception(
                         "compiling the decode step failed (bucket of %d rows); it decodes eager "
