@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract.broker import free_port
 from model import preset
 from model.cache import KVCache
-from model.decode_step import bucket_sizes
+from model.decode_step import step_count
 
 PROMPT = "Once upon a time, there was a little girl who loved to"
 # Nearly a whole 512-token context: the prompt that arrives while streams are running.
@@ -219,8 +219,8 @@ def start_service(
 ) -> subprocess.Popen:
     """`slm serve` on ``port`` over ``checkpoints``, with ``settings`` as its environment
     variables (MAX_BATCH_SIZE="64"...), once /ready answers and ``compiled_steps`` decode
-    steps are compiled (one per batch bucket; 0: no wait). Prints how long each took. No Redis
-    and no API key: the benchmarks measure generation only."""
+    steps are compiled (one per batch bucket and span; 0: no wait). Prints how long each
+    took. No Redis and no API key: the benchmarks measure generation only."""
     slm = shutil.which("slm") or sys.exit("the `slm` command is not installed (pip install -e .)")
     env = {**os.environ, "CHECKPOINT_DIR": str(checkpoints), **settings}
     env.pop("REDIS_URL", None)
@@ -364,7 +364,7 @@ def main() -> None:
                     checkpoints,
                     port,
                     root / "serve.log",
-                    len(bucket_sizes(args.max_batch)) if args.compile_decode else 0,
+                    step_count(args.max_batch, args.block_size) if args.compile_decode else 0,
                     MAX_BATCH_SIZE=str(args.max_batch),
                     MAX_WAITING="1024",
                     DECODE_THREADS=str(threads),

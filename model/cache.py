@@ -226,16 +226,17 @@ class CacheStep:
 
 class FixedStep:
     """A decode step at a fixed shape: one token for each of a bucket of rows, which attend over
-    every slot of the cache, those beyond their own length masked. Built from the cache's
-    tensors and one (3, bucket) tensor of token ids, positions and slots
-    (``KVCache.fixed_decode``), so it holds no Python numbers a compiled graph would guard on."""
+    the first ``span`` slots of the cache (every row's length within it), those beyond their
+    own length masked. Built from the cache's tensors, one (3, bucket) tensor of token ids,
+    positions and slots (``KVCache.fixed_decode``) and the span, so a compiled graph guards on
+    no other Python number. A padding row may write past the span: its output is not read."""
 
-    def __init__(self, keys: Tensor, values: Tensor, inputs: Tensor) -> None:
-        self.keys, self.values = keys, values
+    def __init__(self, keys: Tensor, values: Tensor, inputs: Tensor, span: int) -> None:
+        self.keys, self.values, self.span = keys, values, span
         self.tokens, positions, self.slots = inputs.unbind(0)
         self.positions = positions[:, None]
         self.rows = torch.arange(inputs.shape[1], device=inputs.device)
-        cache_slots = torch.arange(keys.shape[3], device=inputs.device)
+        cache_slots = torch.arange(span, device=inputs.device)
         self.mask = (cache_slots <= self.slots[:, None])[:, None, None, :]
 
     def update(
@@ -247,7 +248,9 @@ class FixedStep:
         where = (self.rows.new_full((bucket,), layer), self.rows, None, self.slots)
         torch.ops.aten.index_put_(self.keys, where, k[:, :, 0])
         torch.ops.aten.index_put_(self.values, where, v[:, :, 0])
-        return self.keys[layer, :bucket], self.values[layer, :bucket], self.mask, False
+        keys = self.keys[layer, :bucket, :, : self.span]
+        values = self.values[layer, :bucket, :, : self.span]
+        return keys, values, self.mask, False
 
     def last_hidden(self, hidden: Tensor) -> Tensor:
         return hidden[:, -1]

@@ -4,9 +4,13 @@ At batch 1 a small model's decode step is ~150 small operations; eager PyTorch p
 microseconds of Python and dispatch for each on a CPU, and a kernel launch each on a GPU, which
 is most of the step for a model this size. So the step is built the way gpt-fast builds it:
 
-- one shape per bucket of rows (1, 2, 4, 8, … up to the cache's rows): the rows decoding are
-  padded up to the next bucket, and every row attends over the whole cache through a length
-  mask (``model.cache.FixedStep``), so nothing in the step changes shape from token to token;
+- one shape per bucket of rows (1, 2, 4, 8, … up to the cache's rows) and span of slots: the
+  rows decoding are padded up to the next bucket, and every row attends over the first slots
+  of the cache through a length mask (``model.cache.FixedStep``), as many as the next span
+  holds (the cache's length, and its halves down to an eighth: ``span_sizes``), so nothing in
+  the step changes shape from token to token, and short stories do not read the whole cache
+  (at 64 rows of 60 tokens in a cache of 512, `small`'s step took 17.6 ms over every slot
+  against 9.4 ms for the eager step over the longest row: BENCHMARKS.md);
 - every per-step number (token ids, positions, cache slots) travels in one small tensor, copied
   into a buffer that lives as long as the generator, so a graph sees the same inputs each step;
 - the weights are inputs of the graph, not constants baked into it (the network runs through
@@ -56,8 +60,12 @@ COMPILE_MODES: tuple[CompileMode, ...] = ("off", "eager", "compiled")
 
 # Shapes compiled in one process at most (buckets × model shapes); past it, new shapes run eager.
 MAX_COMPILED_SHAPES = 256
+# The spans a step attends over: the cache's length and its halves, at most this many times,
+# never below MIN_SPAN slots (one graph per span and family: more of them is more to compile).
+SPAN_HALVINGS = 3
+MIN_SPAN = 32
 
-StepFunction = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
+StepFunction = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor, int], Tensor]
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -70,7 +78,26 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of ``buckets`` (ascending) that holds ``batch``: rows, or slots of a span."""
     return next(size for size in buckets if size >= batch)
+
+
+def span_sizes(cache_length: int) -> tuple[int, ...]:
+    """The spans of slots a step attends over, ascending: ``cache_length`` and its halves,
+    SPAN_HALVINGS of them at most, none below MIN_SPAN."""
+    spans, span = [cache_length], cache_length
+    for _ in range(SPAN_HALVINGS):
+        span //= 2
+        if span < MIN_SPAN:
+            break
+        spans.append(span)
+    return tuple(reversed(spans))
+
+
+def step_count(max_batch: int, cache_length: int) -> int:
+    """How many compiled steps a generator of ``max_batch`` rows over a cache of
+    ``cache_length`` slots warms: one per bucket of rows and span."""
+    return len(bucket_sizes(max_batch)) * len(span_sizes(cache_length))
 
 
 class _Decoder(nn.Module):
@@ -80,19 +107,21 @@ class _Decoder(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, keys: Tensor, values: Tensor, inputs: Tensor) -> Tensor:
-        plan = FixedStep(keys, values, inputs)
+    def forward(self, keys: Tensor, values: Tensor, inputs: Tensor, span: int) -> Tensor:
+        plan = FixedStep(keys, values, inputs, span)
         return self.gpt.forward_cached(plan.tokens[:, None], plan)
 
 
 def decode_function(config: GPTConfig) -> StepFunction:
-    """``(weights, keys, values, inputs) → final activations (B, n_embd)`` for any model of
-    ``config``: the network of a skeleton on the meta device, run with the weights given."""
+    """``(weights, keys, values, inputs, span) → final activations (B, n_embd)`` for any model
+    of ``config``: the network of a skeleton on the meta device, run with the weights given."""
     with torch.device("meta"):
         skeleton = _Decoder(GPT(config)).eval()
 
-    def decode(weights: dict[str, Tensor], keys: Tensor, values: Tensor, inputs: Tensor) -> Tensor:
-        return torch.func.functional_call(skeleton, weights, (keys, values, inputs))
+    def decode(
+        weights: dict[str, Tensor], keys: Tensor, values: Tensor, inputs: Tensor, span: int
+    ) -> Tensor:
+        return torch.func.functional_call(skeleton, weights, (keys, values, inputs, span))
 
     return decode
 
@@ -113,6 +142,7 @@ class StepShape:
     device: str
     cache_shape: tuple[int, ...]
     bucket: int
+    span: int
     # Whether the cache was made under inference mode: guards tell such tensors apart, so a step
     # compiled for the one kind would run eager on the other.
     inference: bool
@@ -206,8 +236,9 @@ class CompiledSteps:
                         self._steps[left].ready.set()
                     return
                 log.info(
-                    "decode step compiled for a bucket of %d rows in %.1f s",
+                    "decode step compiled for a bucket of %d rows over %d slots in %.1f s",
                     shape.bucket,
+                    shape.span,
                     time.monotonic() - started,
                 )
                 self._steps[shape].ready.set()
@@ -216,7 +247,7 @@ class CompiledSteps:
 def _family(shape: StepShape) -> StepShape:
     """Buckets of two rows or more share one graph whose rows are a symbolic size, so the
     buckets after the first compile in no time; one row gets a graph of its own (a dimension
-    of 1 is always specialised)."""
+    of 1 is always specialised). Each span is a graph of its own."""
     return replace(shape, bucket=min(shape.bucket, 2))
 
 
@@ -233,9 +264,10 @@ def _compile(function: StepFunction, shape: StepShape, weights: dict[str, Tensor
     if shape.bucket > 1:
         torch._dynamo.maybe_mark_dynamic(inputs, 1)
     # Every shape's step is a compilation of the same code object, whose cache dynamo bounds
-    # by recompile_limit (8): one entry per shape is the point here, not a runaway.
-    with dynamo_config.patch(recompile_limit=MAX_COMPILED_SHAPES):
-        function(weights, keys, values, inputs)
+    # by recompile_limit (8): one entry per shape is the point here, not a runaway. Without
+    # automatic dynamic shapes, a second span is a graph of its own, not a symbolic span.
+    with dynamo_config.patch(recompile_limit=MAX_COMPILED_SHAPES, automatic_dynamic_shapes=False):
+        function(weights, keys, values, inputs, shape.span)
     return torch._dynamo.run(function)
 
 
@@ -244,26 +276,26 @@ COMPILED_STEPS = CompiledSteps()
 
 
 class CudaGraphStep:
-    """A compiled step captured in a CUDA graph per bucket, for one generator's cache and
-    weights: one launch per step. ``run`` copies the step's inputs into the graph's own buffer
-    and returns the graph's output tensor (overwritten by the next run)."""
+    """A compiled step captured in a CUDA graph per bucket and span, for one generator's cache
+    and weights: one launch per step. ``run`` copies the step's inputs into the graph's own
+    buffer and returns the graph's output tensor (overwritten by the next run)."""
 
     def __init__(self, weights: dict[str, Tensor], keys: Tensor, values: Tensor) -> None:
         self._weights, self._keys, self._values = weights, keys, values
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
-    def run(self, function: StepFunction, inputs: Tensor) -> Tensor:
-        """One step of ``function`` (the compiled step of ``inputs``' bucket)."""
-        bucket = inputs.shape[1]
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(function, bucket)
-        graph, static_inputs, output = self._graphs[bucket]
+    def run(self, function: StepFunction, inputs: Tensor, span: int) -> Tensor:
+        """One step of ``function`` (the compiled step of ``inputs``' bucket and ``span``)."""
+        shape = (inputs.shape[1], span)
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(function, *shape)
+        graph, static_inputs, output = self._graphs[shape]
         static_inputs.copy_(inputs)
         graph.replay()
         return output
 
     def _capture(
-        self, function: StepFunction, bucket: int
+        self, function: StepFunction, bucket: int, span: int
     ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         # The warm-up run writes padding keys into every row's last slot, which no row holds
         # between steps (a row that fills it slides its window before the next step).
@@ -272,9 +304,9 @@ class CudaGraphStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # a run outside the graph first, as capture needs
-            function(self._weights, self._keys, self._values, static_inputs)
+            function(self._weights, self._keys, self._values, static_inputs, span)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = function(self._weights, self._keys, self._values, static_inputs)
+            output = function(self._weights, self._keys, self._values, static_inputs, span)
         return graph, static_inputs, output

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from model.cache import FixedStep, KVCache
@@ -49,10 +48,12 @@ from model.decode_step import (
     StepShape,
     bucket_for,
     bucket_sizes,
+    span_sizes,
     step_weights,
 )
 from model.device import use_torch_threads
 from model.gpt import GPT
+from model.head import OutputHead
 from model.loss import token_log_probs
 from model.quantize import quantize_int8
 from model.sampling import BatchSampler, SamplingParams, resolve_seed
@@ -63,8 +64,6 @@ FinishReason = Literal["stop", "length", "end_of_text"]
 # prefill_tokens, so a burst of prompts (texts to score) goes through in fewer, larger forwards.
 IDLE_PREFILL_FACTOR = 4
 QUANTIZATIONS = ("none", "int8")
-# Up to this many rows the output head multiplies the matrix by the rows' transpose.
-HEAD_TRANSPOSED_ROWS = 8
 
 
 class StopStrings:
@@ -256,48 +255,37 @@ class BatchGenerator:
             self.device = torch.device("cpu")
         else:
             self.model = model
-            # Decoding reads the whole output matrix (most of the weights) for every token, and
-            # which product reads it fastest depends on the rows (BENCHMARKS.md, on an AMD EPYC):
-            # one row times a transposed contiguous copy (0.74 ms against 2.4 for `small`); two
-            # to eight rows as the matrix times the rows' transpose (0.7 against 2.7 ms at 4
-            # rows; the answer stays a transposed view, which the sampler reads as fast);
-            # beyond that, F.linear.
-            weight = self._head_weight = model.output_weight.detach()
-            weight_t = weight.t().contiguous()
-
-            def head(hidden: Tensor) -> Tensor:
-                rows = hidden.shape[0]
-                if rows == 1:
-                    return hidden @ weight_t
-                if rows <= HEAD_TRANSPOSED_ROWS:
-                    return (weight @ hidden.t()).t()
-                return F.linear(hidden, weight)
-
-            self._head = head
+            self._head_weight = model.output_weight.detach()
+            self._head = OutputHead(self._head_weight, bucket_sizes(max_batch), self.threads)
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
         self.sampler = BatchSampler(max_batch, self.config.vocab_size, self.device)
         if quantization == "int8" and decode_step == "compiled":
             decode_step = "off"
         self.decode_step = decode_step
         self._buckets = bucket_sizes(max_batch)
+        self._spans = span_sizes(self.cache.max_len)
         # Each bucket's step inputs (token ids, positions, slots), written in place every step.
         self._step_inputs = {
             bucket: torch.zeros((3, bucket), dtype=torch.long, device=self.device)
             for bucket in (self._buckets if decode_step != "off" else ())
         }
-        self._step_shapes: dict[int, StepShape] = {}
+        self._step_shapes: dict[tuple[int, int], StepShape] = {}
         self._cuda_graphs: CudaGraphStep | None = None
         if decode_step == "compiled":
+            # The whole cache's span first, for every bucket: with it, any step runs compiled.
+            spans = (self._spans[-1], *self._spans[:-1])
             self._step_shapes = {
-                bucket: StepShape(
+                (bucket, span): StepShape(
                     self.config,
                     parameter.dtype,
                     str(self.device),
                     tuple(self.cache.keys.shape),
                     bucket,
+                    span,
                     self.cache.keys.is_inference(),
                     self.threads,
                 )
+                for span in spans
                 for bucket in self._buckets
             }
             self._step_weights = step_weights(self.model)
@@ -452,19 +440,22 @@ class BatchGenerator:
             return self.model.forward_cached(pending, self.cache.decode(batch))
         bucket = bucket_for(batch, self._buckets)
         slots, positions = self.cache.fixed_decode(batch, bucket)
+        span = bucket_for(max(slots[:batch]) + 1, self._spans)
         tokens = [s.tokens[-1] for s in self.rows[:batch]] + [0] * (bucket - batch)
         inputs = self._step_inputs[bucket]
         inputs.copy_(torch.tensor([tokens, positions, slots]), non_blocking=True)
         keys, values = self.cache.keys, self.cache.values
-        compiled = COMPILED_STEPS.get(self._step_shapes[bucket]) if self._step_shapes else None
+        shape = self._step_shapes.get((bucket, span))
+        compiled = COMPILED_STEPS.get(shape) if shape is not None else None
         if compiled is None:
-            hidden = self.model.forward_cached(inputs[0][:, None], FixedStep(keys, values, inputs))
+            plan = FixedStep(keys, values, inputs, span)
+            hidden = self.model.forward_cached(inputs[0][:, None], plan)
         elif self.device.type == "cuda":
             if self._cuda_graphs is None:
                 self._cuda_graphs = CudaGraphStep(self._step_weights, keys, values)
-            hidden = self._cuda_graphs.run(compiled, inputs)
+            hidden = self._cuda_graphs.run(compiled, inputs, span)
         else:
-            hidden = compiled(self._step_weights, keys, values, inputs)
+            hidden = compiled(self._step_weights, keys, values, inputs, span)
         return hidden[:batch]
 
     def _prefill_forward(self) -> Tensor | None:

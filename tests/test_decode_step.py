@@ -18,7 +18,7 @@ from test_generate import FLAT_CASES, NEIGHBOUR_PARAMS, PROMPTS, flat_model, run
 
 from model import GPT, preset
 from model.checkpoint import load_checkpoint
-from model.decode_step import COMPILED_STEPS, bucket_for, bucket_sizes
+from model.decode_step import COMPILED_STEPS, bucket_for, bucket_sizes, span_sizes, step_count
 from model.generate import BatchGenerator
 from model.sampling import SamplingParams
 
@@ -42,6 +42,24 @@ def test_buckets_are_powers_of_two_up_to_the_batch() -> None:
     assert bucket_sizes(12) == (1, 2, 4, 8, 12)
     assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
     assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+def test_a_step_attends_over_the_cache_or_a_half_of_it_down_to_an_eighth() -> None:
+    assert span_sizes(512) == (64, 128, 256, 512)
+    assert span_sizes(64) == (
+        32,
+        64,
+    )  # the tiny model's: the stories below cross from one to the other
+    assert span_sizes(100) == (50, 100)
+    assert span_sizes(16) == (16,)
+    assert [bucket_for(n, span_sizes(512)) for n in (1, 64, 65, 300, 512)] == [
+        64,
+        64,
+        128,
+        512,
+        512,
+    ]
+    assert step_count(64, 512) == 7 * 4
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
