@@ -256,7 +256,7 @@ class BatchGenerator:
         else:
             self.model = model
             self._head_weight = model.output_weight.detach()
-            self._head = OutputHead(self._head_weight, bucket_sizes(max_batch), self.threads)
+            self._head = OutputHead(self._head_weight, bucket_sizes(max_batch))
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
         self.sampler = BatchSampler(max_batch, self.config.vocab_size, self.device)
         if quantization == "int8" and decode_step == "compiled":
