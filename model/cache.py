@@ -14,8 +14,9 @@ next position without re-encoding anything.
 
 A forward is planned in one of two ways. ``extend`` plans any forward at the shapes it needs (the
 attended length grows with the longest row). ``FixedStep`` plans a decode step at one fixed shape:
-a bucket of rows, every row attending over the whole cache through a length mask, all from one
-small tensor of inputs, so that the step can be compiled once per bucket (``model.decode_step``).
+a bucket of rows, every row attending over a fixed span of the cache's slots through a length
+mask, all from one small tensor of inputs, so that the step can be compiled once per bucket and
+span (``model.decode_step``).
 """
 
 from __future__ import annotations

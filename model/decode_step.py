@@ -16,19 +16,20 @@ is most of the step for a model this size. So the step is built the way gpt-fast
 - the weights are inputs of the graph, not constants baked into it (the network runs through
   ``torch.func.functional_call`` on a weightless skeleton of its config), so a model reloaded
   with the same shape runs the code compiled for the one before it;
-- ``torch.compile(fullgraph=True)`` compiles two graphs: one for a single row, and one whose
-  rows are a symbolic size for every bigger bucket (compiling a graph per bucket took 190 s
-  for seven buckets on 2 cores, these two 70 s, and steps as fast: BENCHMARKS.md); on CUDA
-  the compiled step is then captured in a CUDA graph per bucket (``CudaGraphStep``), so a step
-  is one launch, at the bucket's fixed shape;
+- ``torch.compile(fullgraph=True)`` compiles two graphs per span: one for a single row, and
+  one whose rows are a symbolic size for every bigger bucket (compiling a graph per bucket
+  took 190 s for seven buckets on 2 cores, these two 70 s, and steps as fast: BENCHMARKS.md);
+  on CUDA the compiled step is then captured in a CUDA graph per bucket and span
+  (``CudaGraphStep``), so a step is one launch, at a fixed shape;
 - on a CPU, inductor's C++ kernels are called from a C++ wrapper (``cpp_wrapper``), which
   releases the GIL for the whole step: called from Python, each generated kernel holds it, and
   the server's event loop, which streams the tokens out, waited for the step (served, one
   stream greedy, 450 → 552 tokens/s: BENCHMARKS.md).
 
 Compiling takes seconds, so it never happens on the decode path. ``warm`` compiles every bucket
-in a background thread (past the first two, a bucket only checks the graph it shares), and a
-generator runs a bucket eager until its compiled step is ready. Compiled steps are shared by
+and span in a background thread (past the first two buckets of a span, a bucket only checks the
+graph it shares), and a generator runs a step eager until a compiled step of its bucket is
+ready, over its span or a longer one. Compiled steps are shared by
 every generator of the same shape and kept for the process's life; inductor caches the
 generated code on disk (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles faster. Any compile
 error leaves that shape eager, logged once.
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 CompileMode = Literal["off", "eager", "compiled"]
 COMPILE_MODES: tuple[CompileMode, ...] = ("off", "eager", "compiled")
 
-# Shapes compiled in one process at most (buckets × model shapes); past it, new shapes run eager.
+# Graphs compiled in one process at most (2 families × spans × model shapes; the bound of
+# dynamo's cache for the step's code object); past it, new shapes run eager.
 MAX_COMPILED_SHAPES = 256
 # The spans a step attends over: the cache's length and its halves, at most this many times,
 # never below MIN_SPAN slots (one graph per span and family: more of them is more to compile).
@@ -228,9 +230,10 @@ class CompiledSteps:
                     self._steps[shape].function = compiled
                 except Exception:  # whatever the compiler's failure, the step decodes eager
                     log.exception(
-                        "compiling the decode step failed (bucket of %d rows); it decodes eager "
-                        "for this model's shape",
+                        "compiling the decode step failed (bucket of %d rows over %d slots); it "
+                        "decodes eager for this model's shape",
                         shape.bucket,
+                        shape.span,
                     )
                     for left in shapes[index:]:  # the same cause would fail them all
                         self._steps[left].ready.set()

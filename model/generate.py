@@ -45,6 +45,7 @@ from model.decode_step import (
     COMPILED_STEPS,
     CompileMode,
     CudaGraphStep,
+    StepFunction,
     StepShape,
     bucket_for,
     bucket_sizes,
@@ -445,8 +446,7 @@ class BatchGenerator:
         inputs = self._step_inputs[bucket]
         inputs.copy_(torch.tensor([tokens, positions, slots]), non_blocking=True)
         keys, values = self.cache.keys, self.cache.values
-        shape = self._step_shapes.get((bucket, span))
-        compiled = COMPILED_STEPS.get(shape) if shape is not None else None
+        compiled, span = self._compiled_step(bucket, span)
         if compiled is None:
             plan = FixedStep(keys, values, inputs, span)
             hidden = self.model.forward_cached(inputs[0][:, None], plan)
@@ -457,6 +457,17 @@ class BatchGenerator:
         else:
             hidden = compiled(self._step_weights, keys, values, inputs, span)
         return hidden[:batch]
+
+    def _compiled_step(self, bucket: int, span: int) -> tuple[StepFunction | None, int]:
+        """The compiled step for ``bucket`` over ``span`` slots, or, while that one compiles,
+        over the shortest longer span ready (the mask keeps it exact); (None, span) if none is
+        ready: the step runs eager."""
+        for longer in self._spans[self._spans.index(span) :]:
+            shape = self._step_shapes.get((bucket, longer))
+            compiled = COMPILED_STEPS.get(shape) if shape is not None else None
+            if compiled is not None:
+                return compiled, longer
+        return None, span
 
     def _prefill_forward(self) -> Tensor | None:
         """Encode the next chunk of the prefill queue: whole prompts, first come first served,
