@@ -250,6 +250,7 @@ class BatchGenerator:
         parameter = next(model.parameters())
         self.device = parameter.device
         self._head_weight: Tensor | None = None  # for scoring prompts a vocabulary slice at a time
+        self._buckets = bucket_sizes(max_batch)
         if quantization == "int8":
             self.model = quantize_int8(model)
             self._head = self.model.lm_head
@@ -257,13 +258,12 @@ class BatchGenerator:
         else:
             self.model = model
             self._head_weight = model.output_weight.detach()
-            self._head = OutputHead(self._head_weight, bucket_sizes(max_batch))
+            self._head = OutputHead(self._head_weight, self._buckets)
         self.cache = KVCache(self.config, max_batch, device=self.device, dtype=parameter.dtype)
         self.sampler = BatchSampler(max_batch, self.config.vocab_size, self.device)
         if quantization == "int8" and decode_step == "compiled":
             decode_step = "off"
         self.decode_step = decode_step
-        self._buckets = bucket_sizes(max_batch)
         self._spans = span_sizes(self.cache.max_len)
         # Each bucket's step inputs (token ids, positions, slots), written in place every step.
         self._step_inputs = {

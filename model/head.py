@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.decode_step import bucket_for
+
 # (rows, matrix, its transposed contiguous copy) → logits (rows × vocabulary)
 Product = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -59,9 +61,9 @@ class OutputHead:
 
     def __call__(self, hidden: Tensor) -> Tensor:
         rows = hidden.shape[0]
-        bucket = next((size for size in self._buckets if size >= rows), None)
-        if bucket is None or not self._on_cpu:
+        if rows > self._buckets[-1] or not self._on_cpu:
             return F.linear(hidden, self.matrix)
+        bucket = bucket_for(rows, self._buckets)
         product = self._products.get(bucket)
         if product is None:
             product = self._products[bucket] = PRODUCTS[self._chosen(bucket)]
