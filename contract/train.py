@@ -14,9 +14,25 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from model.config import PRESETS, Activation, GPTConfig, Norm, Position, preset
+from model.config import (
+    PRESETS,
+    VOCABULARIES,
+    Activation,
+    GPTConfig,
+    Norm,
+    Position,
+    preset,
+    vocabulary_size,
+)
 from model.sampling import MAX_SEED
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -39,6 +55,7 @@ SHAPE_FIELDS = (
     "qk_norm",
     "tie_embeddings",
     "pad_vocab",
+    "vocabulary",
 )
 
 
@@ -84,6 +101,12 @@ class TrainConfig(BaseModel):
     tie_embeddings: bool | None = Field(
         None,
         description="the output head shares the token embedding's weights (default: the preset's)",
+    )
+    vocabulary: str | None = Field(
+        None,
+        description="the tokenizer: gpt2 (all of GPT-2's 50,257 tokens) or GPT-2's first merges, "
+        f"{', '.join(name for name in VOCABULARIES if name != 'gpt2')} or gpt2-<size> "
+        "(default: the preset's)",
     )
     pad_vocab: bool | None = Field(
         None,
@@ -184,6 +207,13 @@ class TrainConfig(BaseModel):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N"
     )
 
+    @field_validator("vocabulary")
+    @classmethod
+    def _known_vocabulary(cls, name: str | None) -> str | None:
+        if name is not None:
+            vocabulary_size(name)  # a ValueError that lists the names
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.preset not in PRESETS:
@@ -218,7 +248,9 @@ class TrainConfig(BaseModel):
 
     def shape_overrides(self) -> dict[str, Any]:
         """The preset's shape and architecture settings this config changes (those given)."""
-        overrides = {name: getattr(self, name) for name in SHAPE_FIELDS}
+        overrides = {name: getattr(self, name) for name in SHAPE_FIELDS if name != "vocabulary"}
+        if self.vocabulary is not None:
+            overrides["vocab_size"] = vocabulary_size(self.vocabulary)
         if self.model_block_size is not None:
             overrides["block_size"] = self.model_block_size
         return {name: value for name, value in overrides.items() if value is not None}
@@ -265,6 +297,11 @@ class TrainProgress(BaseModel):
         None, description="mean training loss over the steps since the previous report"
     )
     val_loss: float | None = Field(None, description="the latest evaluation's")
+    val_bits_per_byte: float | None = Field(
+        None,
+        description="the latest evaluation's loss in bits per byte of text: unlike the loss, "
+        "comparable between runs of different vocabularies",
+    )
     lr: float | None = Field(None, description="the learning rate of the last step")
     tokens_seen: int = 0
     tokens_per_s: float | None = None

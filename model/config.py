@@ -12,7 +12,18 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-GPT2_VOCAB_SIZE = 50257  # r50k_base: 50,256 BPE merges + <|endoftext|>
+GPT2_VOCAB_SIZE = 50257  # r50k_base: 256 bytes, 50,000 BPE merges, <|endoftext|>
+# GPT-2's tokenizer with fewer merges: its first ``size - 1`` tokens (the 256 bytes, then merges
+# in GPT-2's order) plus <|endoftext|> as the last id. Still GPT-2's BPE: the same pieces, and
+# ids below the cut are GPT-2's ids. The vocabulary is ``GPTConfig.vocab_size``; these are its
+# names (and `gpt2-<size>` names any other size from 257 to 50,257).
+VOCABULARIES: dict[str, int] = {
+    "gpt2": GPT2_VOCAB_SIZE,
+    "gpt2-16k": 16384,
+    "gpt2-8k": 8192,
+    "gpt2-4k": 4096,
+}
+MIN_VOCAB_SIZE = 257  # every byte, and <|endoftext|>
 ROPE_THETA = 10000.0  # Llama's (and Hugging Face's default) rotary base
 NORM_EPS = 1e-5  # LayerNorm's default, and Llama 2's RMSNorm epsilon
 VOCAB_MULTIPLE = 64  # pad_vocab rounds the output matrix up to this many rows
@@ -50,6 +61,11 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if not MIN_VOCAB_SIZE <= self.vocab_size <= GPT2_VOCAB_SIZE:
+            raise ValueError(
+                f"GPTConfig.vocab_size must be from {MIN_VOCAB_SIZE} (every byte and "
+                f"<|endoftext|>) to {GPT2_VOCAB_SIZE} (all of GPT-2's), got {self.vocab_size}"
+            )
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -72,6 +88,10 @@ class GPTConfig:
                 f"rotary positions rotate pairs of dimensions: n_embd / n_head "
                 f"({self.n_embd} / {self.n_head} = {self.head_dim}) must be even"
             )
+
+    @property
+    def vocabulary(self) -> str:
+        return vocabulary_name(self.vocab_size)
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +143,26 @@ class GPTConfig:
 
     def replace(self, **overrides: Any) -> GPTConfig:
         return GPTConfig(**{**self.to_dict(), **overrides})
+
+
+def vocabulary_size(name: str) -> int:
+    """The vocab_size a vocabulary name stands for: a name of VOCABULARIES, or `gpt2-<size>`."""
+    if name in VOCABULARIES:
+        return VOCABULARIES[name]
+    prefix, _, digits = name.partition("-")
+    if prefix == "gpt2" and digits.isdigit() and MIN_VOCAB_SIZE <= int(digits) <= GPT2_VOCAB_SIZE:
+        return int(digits)
+    raise ValueError(
+        f"unknown vocabulary {name!r}: choose one of {', '.join(VOCABULARIES)}, or gpt2-<size> "
+        f"with a size from {MIN_VOCAB_SIZE} to {GPT2_VOCAB_SIZE}"
+    )
+
+
+def vocabulary_name(vocab_size: int) -> str:
+    for name, size in VOCABULARIES.items():
+        if size == vocab_size:
+            return name
+    return f"gpt2-{vocab_size}"
 
 
 # What every checkpoint's metadata has held from the start.

@@ -13,7 +13,8 @@ shorter).
 
 - ``loss``: mean negative log-likelihood of the scored tokens, in nats per token.
 - ``perplexity``: ``exp(loss)``, the number of equally likely tokens the model is as unsure as.
-  Untrained, it is about the vocabulary size (50,257; loss ln 50257 ≈ 10.8).
+  Untrained, it is about the vocabulary size (50,257 for GPT-2's: loss ln 50257 ≈ 10.8). Loss
+  and perplexity compare runs of one vocabulary only: fewer merges mean more, easier tokens.
 - ``bits_per_byte``: total NLL / ln 2 / the UTF-8 bytes of the scored tokens' text, where
   ``<|endoftext|>`` counts one byte (it stands for the line that separates stories): comparable
   between tokenizers, and the figure the trainer logs as val bits/byte (from random windows
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.config import GPT2_VOCAB_SIZE
 from model.generate import BatchGenerator
 from model.gpt import GPT
 from model.loss import token_log_probs
@@ -84,10 +86,11 @@ _COMPLETE = re.compile(_SENTENCE_END + r"$")
 
 
 @cache
-def token_byte_lengths() -> Tensor:
-    """UTF-8 bytes each GPT-2 token stands for, to turn nats per token into bits per byte.
-    <|endoftext|> counts one byte: it stands for the separator line, not its 13 characters."""
-    tokenizer = get_tokenizer()
+def token_byte_lengths(vocab_size: int = GPT2_VOCAB_SIZE) -> Tensor:
+    """UTF-8 bytes each token of a vocabulary stands for, to turn nats per token into bits per
+    byte (comparable across vocabularies, which loss is not). <|endoftext|> counts one byte: it
+    stands for the separator line, not its 13 characters."""
+    tokenizer = get_tokenizer(vocab_size)
     lengths = [len(tokenizer.token_bytes(i)) for i in range(tokenizer.n_vocab)]
     lengths[tokenizer.eot_id] = 1
     return torch.tensor(lengths, dtype=torch.float64)
@@ -135,9 +138,15 @@ def windowed_loss(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if len(tokens) < 2:
         raise ValueError(f"{len(tokens)} tokens: nothing to score")
+    if int(np.max(tokens)) >= model.config.vocab_size:
+        raise ValueError(
+            f"token id {int(np.max(tokens))} is outside this model's vocabulary "
+            f"({model.config.vocabulary}, {model.config.vocab_size} tokens): load the split "
+            f"with its vocab_size"
+        )
     device = next(model.parameters()).device
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
-    byte_lengths = token_byte_lengths().to(device)
+    byte_lengths = token_byte_lengths(model.config.vocab_size).to(device)
     count = math.ceil((len(stream) - 1) / window)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     n_bytes = torch.zeros((), dtype=torch.float64, device=device)
@@ -290,7 +299,6 @@ def _ending_log_likelihoods(model: GPT, items: list[EndingItem]) -> Tensor:
 def story_endings(
     model: GPT,
     tokens: np.ndarray,
-    tokenizer: Tokenizer | None = None,
     stories: int = DEFAULT_ENDING_STORIES,
     choices: int = DEFAULT_CHOICES,
     seed: int = 0,
@@ -301,7 +309,7 @@ def story_endings(
     docstring); ``batch_size`` questions per forward."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = get_tokenizer(model.config.vocab_size)
     items = ending_items(tokens, tokenizer, model.config.block_size // 2, stories, choices, seed)
     correct = correct_norm = 0
     for start in range(0, len(items), batch_size):
@@ -363,12 +371,11 @@ def repetition_rate(stories: list[list[int]], n: int = REPETITION_N) -> float:
 def sample_stories(
     model: GPT,
     params: list[SamplingParams],
-    tokenizer: Tokenizer | None = None,
     progress: Progress | None = None,
 ) -> list[tuple[list[int], bool]]:
     """One story from an empty prompt per entry of ``params``, all in one batch: each story's
     tokens and whether it ended with ``<|endoftext|>``."""
-    generator = BatchGenerator(model, tokenizer, max_batch=len(params))
+    generator = BatchGenerator(model, max_batch=len(params))
     sequences = [generator.add([generator.tokenizer.eot_id], p) for p in params]
     budget = sum(p.max_new_tokens for p in params)
     while generator.rows:
@@ -383,7 +390,6 @@ def sample_stories(
 
 def generation_stats(
     model: GPT,
-    tokenizer: Tokenizer | None = None,
     samples: int = DEFAULT_SAMPLES,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = STORY_TEMPERATURE,
@@ -399,7 +405,7 @@ def generation_stats(
         )
         for seed in range(samples)
     ]
-    written = sample_stories(model, params, tokenizer, progress)
+    written = sample_stories(model, params, progress)
     stories = [story for story, _ in written]
     return GenerationStats(
         samples=samples,
@@ -428,6 +434,7 @@ class EvalReport:
     loss: LossResult
     endings: EndingsResult
     generation: GenerationStats
+    vocabulary: str = "gpt2"  # its tokenizer (model.config.VOCABULARIES); reports before it: gpt2
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2) + "\n").encode()
@@ -450,12 +457,15 @@ class EvalReport:
 
 
 def format_table(reports: list[EvalReport]) -> str:
-    """The reports side by side, a column each, a row per number."""
+    """The reports side by side, a column each, a row per number. Bits per byte come first:
+    the one figure that compares runs of different vocabularies (loss and perplexity are per
+    token, and the tokens differ)."""
     rows: list[tuple[str, Callable[[EvalReport], str]]] = [
         ("step", lambda r: f"{r.step:,}"),
+        ("vocabulary", lambda r: r.vocabulary),
+        ("val bits per byte", lambda r: f"{r.loss.bits_per_byte:.4f}"),
         ("val loss (nats/token)", lambda r: f"{r.loss.loss:.4f}"),
         ("val perplexity", lambda r: f"{r.loss.perplexity:,.2f}"),
-        ("val bits per byte", lambda r: f"{r.loss.bits_per_byte:.4f}"),
         ("  tokens scored, window", lambda r: f"{r.loss.tokens:,}, {r.loss.window}"),
         ("ending accuracy", lambda r: f"{r.endings.accuracy:.3f}"),
         ("ending accuracy per byte", lambda r: f"{r.endings.accuracy_norm:.3f}"),

@@ -58,7 +58,7 @@ from model.head import OutputHead
 from model.loss import token_log_probs
 from model.quantize import quantize_int8
 from model.sampling import BatchSampler, SamplingParams, resolve_seed
-from model.tokenizer import StreamDecoder, Tokenizer, get_tokenizer
+from model.tokenizer import StreamDecoder, get_tokenizer
 
 FinishReason = Literal["stop", "length", "end_of_text"]
 # With no story decoding, no stream's next token waits on a prefill: it may take this many times
@@ -226,7 +226,6 @@ class BatchGenerator:
     def __init__(
         self,
         model: GPT,
-        tokenizer: Tokenizer | None = None,
         max_batch: int = 1,
         use_cache: bool = True,
         quantization: str = "none",
@@ -244,7 +243,7 @@ class BatchGenerator:
             raise ValueError(f"decode_step must be one of {COMPILE_MODES}, got {decode_step!r}")
         self.config = model.config
         self.threads = threads or torch.get_num_threads()
-        self.tokenizer = tokenizer or get_tokenizer()
+        self.tokenizer = get_tokenizer(model.config.vocab_size)  # the vocabulary it learned
         self.use_cache = use_cache
         self.prefill_tokens = prefill_tokens
         parameter = next(model.parameters())
@@ -585,21 +584,18 @@ def generate(
     model: GPT,
     prompt: str,
     params: SamplingParams,
-    tokenizer: Tokenizer | None = None,
     quantization: str = "none",
 ) -> Iterator[TokenEvent]:
     """Stream one story: a ``TokenEvent`` per token, the last one carrying the finish reason."""
-    generator = BatchGenerator(model, tokenizer, quantization=quantization)
+    generator = BatchGenerator(model, quantization=quantization)
     generator.add(generator.encode_prompt(prompt), params)
     while generator.rows:
         yield from generator.step()
 
 
-def complete(
-    model: GPT, prompt: str, params: SamplingParams, tokenizer: Tokenizer | None = None
-) -> GenerationResult:
+def complete(model: GPT, prompt: str, params: SamplingParams) -> GenerationResult:
     """Generate one story to the end and return it whole."""
-    generator = BatchGenerator(model, tokenizer)
+    generator = BatchGenerator(model)
     sequence = generator.add(generator.encode_prompt(prompt), params)
     while generator.rows:
         generator.step()

@@ -6,6 +6,13 @@ SHA-1 of the download URL, checking the file's SHA-256. Machines without interne
 same cache with ``slm fetch-vocab``, which takes the identical file from the openai-whisper
 source distribution on PyPI (``whisper/assets/gpt2.tiktoken``), so tiktoken never knows the
 difference.
+
+Every vocabulary is GPT-2's BPE, perhaps with fewer merges (``model.config.VOCABULARIES``): its
+first ``vocab_size - 1`` tokens and ``<|endoftext|>`` as the last id, built from r50k's rank
+table (tiktoken's documented way to extend an encoding). BPE with a prefix of the merges
+applies them in the same order and stops earlier, so a GPT-2 token's bytes split, under a
+smaller vocabulary, exactly as that token's text does in context: ``Tokenizer.from_gpt2``
+turns prepared GPT-2 ids into a smaller vocabulary's without the text.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from model.atomic import atomic_write_bytes
+from model.config import GPT2_VOCAB_SIZE, MIN_VOCAB_SIZE, vocabulary_name
 
 ENCODING_NAME = "r50k_base"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -103,17 +112,28 @@ def _read_vocab(source: Path) -> bytes:
 
 
 class Tokenizer:
-    """Text ↔ GPT-2 token ids. ``<|endoftext|>`` (id 50256) separates stories."""
+    """Text ↔ token ids of one vocabulary of ``vocab_size`` tokens; ``<|endoftext|>`` (the last
+    id: 50256 for all of GPT-2) separates stories."""
 
-    def __init__(self) -> None:
-        try:
-            self._encoding = tiktoken.get_encoding(ENCODING_NAME)
-        except Exception as error:  # tiktoken raises requests/OS/hash errors alike
-            raise TokenizerUnavailable(
-                f"GPT-2's vocabulary ({ENCODING_NAME}) is not in tiktoken's cache "
-                f"({cached_vocab_path()}) and could not be downloaded ({error}). "
-                f"Run `{FETCH_COMMAND}` to install it offline from PyPI."
-            ) from error
+    def __init__(self, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
+        if not MIN_VOCAB_SIZE <= vocab_size <= GPT2_VOCAB_SIZE:
+            raise ValueError(
+                f"a GPT-2 vocabulary has {MIN_VOCAB_SIZE} to {GPT2_VOCAB_SIZE} tokens, "
+                f"not {vocab_size}"
+            )
+        gpt2 = _gpt2_encoding()
+        if vocab_size == GPT2_VOCAB_SIZE:
+            self._encoding = gpt2
+        else:
+            self._encoding = tiktoken.Encoding(
+                name=f"{ENCODING_NAME}-{vocab_size}",
+                pat_str=gpt2._pat_str,
+                mergeable_ranks={
+                    gpt2.decode_single_token_bytes(rank): rank for rank in range(vocab_size - 1)
+                },
+                special_tokens={END_OF_TEXT: vocab_size - 1},
+            )
+        self.name = vocabulary_name(vocab_size)
         self.eot_id = self._encoding.eot_token
         self.n_vocab = self._encoding.n_vocab
         self._texts: list[str] | None = None
@@ -123,7 +143,7 @@ class Tokenizer:
         return self._encoding.encode_ordinary(text)
 
     def encode_with_special(self, text: str) -> list[int]:
-        """Text to ids as Hugging Face's GPT-2 tokenizer reads it: "<|endoftext|>" is id 50256.
+        """Text to ids as Hugging Face's tokenizer reads it: "<|endoftext|>" is ``eot_id``.
         For clients that learn the special token's id by tokenizing its text (lm-eval)."""
         return self._encoding.encode(text, allowed_special="all")
 
@@ -141,14 +161,85 @@ class Tokenizer:
             self._texts = [self.decode([token]) for token in range(self.n_vocab)]
         return self._texts[token_id]
 
+    def ranks(self) -> dict[bytes, int]:
+        """Every token but ``<|endoftext|>`` as bytes, with its id (which is its merge rank)."""
+        return {self.token_bytes(token_id): token_id for token_id in range(self.eot_id)}
+
+    def from_gpt2(self, ids: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+        """GPT-2 token ids (a prepared dataset's) as this vocabulary's, as uint16 — what
+        encoding their text would give, without the text: each GPT-2 token becomes the tokens
+        its bytes split into. Chunked, so a memory-mapped split is read once, a chunk at a time."""
+        if self.n_vocab == GPT2_VOCAB_SIZE:
+            return np.asarray(ids)
+        offsets, pieces = self._gpt2_splits()
+        lengths = np.diff(offsets)
+        chunks = range(0, len(ids), chunk)
+        total = sum(int(lengths[ids[start : start + chunk]].sum()) for start in chunks)
+        out = np.empty(total, dtype=np.uint16)
+        written = 0
+        for start in chunks:
+            part = np.asarray(ids[start : start + chunk], dtype=np.int64)
+            counts = lengths[part]
+            ends = np.cumsum(counts)
+            # Position j of the output reads pieces[offsets[token] + (j - where token starts)].
+            index = np.repeat(offsets[part] - (ends - counts), counts) + np.arange(ends[-1])
+            out[written : written + ends[-1]] = pieces[index]
+            written += int(ends[-1])
+        return out
+
+    @cache  # noqa: B019 - one table per vocabulary, and tokenizers live as long as the process
+    def _gpt2_splits(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, pieces)``: GPT-2 id ``i`` becomes ``pieces[offsets[i]:offsets[i + 1]]``.
+        Each GPT-2 token's bytes are byte-pair encoded with this vocabulary's merges, lowest rank
+        first and leftmost on ties, as tiktoken does within a piece of text."""
+        gpt2 = _gpt2_encoding()
+        ranks = self.ranks()
+        splits = [
+            _byte_pair_encode(gpt2.decode_single_token_bytes(i), ranks)
+            for i in range(gpt2.eot_token)
+        ]
+        splits.append([self.eot_id])
+        offsets = np.zeros(len(splits) + 1, dtype=np.int64)
+        np.cumsum([len(split) for split in splits], out=offsets[1:])
+        pieces = np.fromiter(
+            (token for split in splits for token in split), dtype=np.int64, count=int(offsets[-1])
+        )
+        return offsets, pieces
+
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 
+def _byte_pair_encode(token: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """``token``'s ids under ``ranks``: merge the adjacent pair of lowest rank until none is
+    in the table."""
+    parts = [bytes([byte]) for byte in token]
+    while len(parts) > 1:
+        pair_ranks = [ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
+        candidates = [(rank, i) for i, rank in enumerate(pair_ranks) if rank is not None]
+        if not candidates:
+            break
+        _, index = min(candidates)
+        parts[index : index + 2] = [parts[index] + parts[index + 1]]
+    return [ranks[part] for part in parts]
+
+
 @cache
-def get_tokenizer() -> Tokenizer:
-    """The process-wide tokenizer (loading the vocabulary takes a fraction of a second)."""
-    return Tokenizer()
+def _gpt2_encoding() -> tiktoken.Encoding:
+    try:
+        return tiktoken.get_encoding(ENCODING_NAME)
+    except Exception as error:  # tiktoken raises requests/OS/hash errors alike
+        raise TokenizerUnavailable(
+            f"GPT-2's vocabulary ({ENCODING_NAME}) is not in tiktoken's cache "
+            f"({cached_vocab_path()}) and could not be downloaded ({error}). "
+            f"Run `{FETCH_COMMAND}` to install it offline from PyPI."
+        ) from error
+
+
+@cache
+def get_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> Tokenizer:
+    """The process-wide tokenizer of a vocabulary (building one takes a fraction of a second)."""
+    return Tokenizer(vocab_size)
 
 
 class StreamDecoder:

@@ -46,6 +46,7 @@ from contract.settings import Settings
 from model.device import use_torch_threads
 from model.generate import BatchGenerator, FinishReason, Sequence, TokenEvent, TokenLogprob
 from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
 from service.loaded import LoadedModel
 from service.metrics import (
     BATCH_SIZE,
@@ -225,6 +226,11 @@ class Generation:
     last_event_at: float | None = None
     pending_ids: list[int] = field(default_factory=list)  # tokens whose text is held back
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The vocabulary of the run this story is written by: its records' ids are in it."""
+        return self.lane.generator.tokenizer
 
     async def records(self) -> AsyncIterator[Record]:
         """The prompt's scores if asked for, text pieces, then one ``Finish`` (iterate once).
@@ -679,6 +685,18 @@ class Engine:
         lane's KV cache has no free row (a long model's has fewer rows than MAX_BATCH_SIZE)."""
         if not lane.generator.free_rows:
             return False
+        if lane.generator.tokenizer is not generation.tokenizer:
+            # The run was trained again with another vocabulary while the request waited: its
+            # prompt's ids mean other text now.
+            self._send(
+                generation,
+                PromptRejected(
+                    f"prompt: {lane.run} changed its vocabulary to {lane.generator.tokenizer.name} "
+                    "while the request waited; send it again"
+                ),
+            )
+            self._release(generation, "error")
+            return True
         now = time.perf_counter()
         generation.lane = lane
         generation.admitted = now

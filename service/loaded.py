@@ -11,6 +11,7 @@ from pathlib import Path
 
 from model.checkpoint import CheckpointMeta
 from model.gpt import GPT
+from model.tokenizer import Tokenizer, get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,8 @@ class LoadedModel:
     def run(self) -> str:
         """The run it belongs to: the name clients pick it by (``model`` in a request)."""
         return self.version.partition("/")[0]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The vocabulary this checkpoint learned (GPT-2's, or GPT-2's first merges)."""
+        return get_tokenizer(self.model.config.vocab_size)

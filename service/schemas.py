@@ -33,7 +33,7 @@ from model.sampling import (
     STORY_TOP_K,
     SamplingParams,
 )
-from model.tokenizer import Tokenizer, get_tokenizer
+from model.tokenizer import Tokenizer
 from service.engine import Finish, TextPiece
 from service.errors import ApiError
 
@@ -276,8 +276,7 @@ class Piece(BaseModel):
     logprobs: list[Logprob] | None = None
 
     @classmethod
-    def of(cls, piece: TextPiece) -> Piece:
-        tokenizer = get_tokenizer()
+    def of(cls, piece: TextPiece, tokenizer: Tokenizer) -> Piece:
         logprobs = piece.logprobs
         return cls(
             text=piece.text,

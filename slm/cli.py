@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from model.evaluate import EvalReport
     from model.sampling import SamplingParams
 
@@ -297,7 +295,6 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from model.atomic import atomic_write_bytes
     from model.evaluate import EvalReport, format_table
-    from worker.data import load_split
 
     if args.compare:
         if args.checkpoints or args.data or args.out:
@@ -314,10 +311,9 @@ def _eval(args: argparse.Namespace) -> int:
             "--out names one file: with several checkpoints, leave it out and each report is "
             "written beside its checkpoint"
         )
-    tokens = load_split(args.data, "val")
     reports = []
     for path in paths:
-        report = _evaluate_checkpoint(path, tokens, args)
+        report = _evaluate_checkpoint(path, args)
         out = args.out or path.with_suffix(".eval.json")
         atomic_write_bytes(out, report.to_json())
         print(f"[{report.name}: report written to {out}]", file=sys.stderr)
@@ -326,18 +322,21 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespace) -> EvalReport:
-    """One checkpoint's EvalReport, with a progress bar per measurement."""
+def _evaluate_checkpoint(path: Path, args: argparse.Namespace) -> EvalReport:
+    """One checkpoint's EvalReport on the val split in its own vocabulary, with a progress bar
+    per measurement."""
     from tqdm import tqdm
 
     from contract.jobs import checkpoint_version
     from model.checkpoint import load_checkpoint
     from model.device import pick_device
     from model.evaluate import EvalReport, generation_stats, story_endings, windowed_loss
+    from worker.data import load_split
 
     model, meta = load_checkpoint(path, device=pick_device(args.device))
     model = model.float()  # the numbers must not depend on the dtype the weights were saved in
     name = checkpoint_version(path.parent.name, meta.name)
+    tokens = load_split(args.data, "val", vocab_size=meta.config.vocab_size)
     bars: dict[str, tqdm] = {}
 
     def show(what: str, done: int, total: int) -> None:
@@ -374,6 +373,7 @@ def _evaluate_checkpoint(path: Path, tokens: np.ndarray, args: argparse.Namespac
         loss=loss,
         endings=endings,
         generation=generation,
+        vocabulary=meta.config.vocabulary,
     )
 
 

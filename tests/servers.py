@@ -184,15 +184,19 @@ def metric(metrics_text: str, sample: str, missing: float | None = None) -> floa
     return missing
 
 
-def write_checkpoint(run_dir: Path, seed: int = 0, step: int = 1) -> str:
-    """A `tiny` checkpoint with decisive weights (greedy output does not hinge on rounding);
-    returns its version, ``<run>/<name>``, as the service reports it."""
+def write_checkpoint(
+    run_dir: Path, seed: int = 0, step: int = 1, vocab_size: int | None = None
+) -> str:
+    """A `tiny` checkpoint with decisive weights (greedy output does not hinge on rounding),
+    of GPT-2's vocabulary unless ``vocab_size`` cuts it; returns its version, ``<run>/<name>``,
+    as the service reports it."""
     from weights import sharp_model
 
     from model import preset
     from model.checkpoint import save_checkpoint
 
-    meta_path = save_checkpoint(run_dir, sharp_model(preset("tiny"), seed=seed), step=step)
+    config = preset("tiny") if vocab_size is None else preset("tiny", vocab_size=vocab_size)
+    meta_path = save_checkpoint(run_dir, sharp_model(config, seed=seed), step=step)
     return f"{run_dir.name}/{meta_path.stem}"
 
 

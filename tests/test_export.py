@@ -31,6 +31,7 @@ from model.export.vocab import gpt2_vocab_and_merges
 from model.generate import complete
 from model.gpt import apply_rotary, rotary_tables
 from model.sampling import SamplingParams
+from model.tokenizer import get_tokenizer
 
 EOT = 50256
 TEXTS = [
@@ -127,13 +128,16 @@ LLAMA_CONFIGS = {
         bias=False, qk_norm=True, tie_embeddings=False, pad_vocab=True
     ),
     "qwen3-tied": llama_style(bias=False, qk_norm=True, n_head=4),
+    # GPT-2's first 8,191 tokens and <|endoftext|>: the tokenizer files shrink with the model.
+    "llama-8k": llama_style(bias=False, vocab_size=8192),
 }
 
 
 def greedy_tokens(model: GPT, prompt: str, n: int) -> list[int]:
     """Our greedy continuation (KV-cached generation), ending with <|endoftext|> if drawn."""
     result = complete(model, prompt, SamplingParams(max_new_tokens=n, temperature=0))
-    return result.token_ids + ([EOT] if len(result.token_ids) < n else [])
+    eot = model.config.vocab_size - 1
+    return result.token_ids + ([eot] if len(result.token_ids) < n else [])
 
 
 @pytest.mark.parametrize("name", LLAMA_CONFIGS)
@@ -150,7 +154,8 @@ def test_hf_llama_logits_and_greedy_tokens_match_ours(name: str, tmp_path: Path)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     assert hf.dtype == torch.float32
     hf_config = hf.config
-    assert hf_config.vocab_size == 50257
+    vocab_size, eot = config.vocab_size, config.vocab_size - 1
+    assert hf_config.vocab_size == vocab_size
     assert hf_config.hidden_size == config.n_embd
     assert hf_config.intermediate_size == config.mlp_hidden
     assert hf_config.num_attention_heads == hf_config.num_key_value_heads == config.n_head
@@ -159,10 +164,10 @@ def test_hf_llama_logits_and_greedy_tokens_match_ours(name: str, tmp_path: Path)
     assert hf_config.rms_norm_eps == 1e-5
     assert hf_config.rope_parameters["rope_theta"] == 10000.0
     assert hf_config.attention_bias == config.bias
-    assert hf_config.bos_token_id == hf_config.eos_token_id == EOT
+    assert hf_config.bos_token_id == hf_config.eos_token_id == eot
     assert hf_config.tie_word_embeddings == config.tie_embeddings
     embed, head = hf.model.embed_tokens.weight, hf.lm_head.weight
-    assert embed.shape == head.shape == (50257, config.n_embd)
+    assert embed.shape == head.shape == (vocab_size, config.n_embd)
     assert (embed.data_ptr() == head.data_ptr()) == config.tie_embeddings
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert ("lm_head.weight" in tensors) != config.tie_embeddings
@@ -174,11 +179,11 @@ def test_hf_llama_logits_and_greedy_tokens_match_ours(name: str, tmp_path: Path)
     assert_same_logits(model, hf)
 
     prompt = "Once upon a time"
-    ids = torch.tensor([tiktoken.get_encoding("r50k_base").encode(prompt)])
-    if name == "llama-tied":  # the tokenizer files are the GPT-2 export's, whatever the model
+    ids = torch.tensor([get_tokenizer(vocab_size).encode(prompt)])
+    if name in ("llama-tied", "llama-8k"):  # the tokenizer files are the GPT-2 export's
         assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(prompt) == ids[0].tolist()
     with torch.no_grad():
-        generated = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=EOT)
+        generated = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=eot)
     assert generated[0, ids.shape[1] :].tolist() == greedy_tokens(model, prompt, 6)
 
 
@@ -229,30 +234,44 @@ def test_hf_export_is_fp32_whatever_the_model_dtype(tmp_path: Path) -> None:
     assert not tensors["transformer.h.0.mlp.c_fc.bias"].any()  # bias=False: zeros
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+@pytest.fixture(scope="module", params=[50257, 8192, 4096], ids=lambda size: f"vocab{size}")
+def hf_tokenizer(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> PreTrainedTokenizerBase:
     out_dir = tmp_path_factory.mktemp("tokenizer") / "hf"
-    export_hf(sharp_model(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16)), out_dir)
+    config = GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16, vocab_size=request.param)
+    export_hf(sharp_model(config), out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def test_hf_tokenizer_matches_tiktoken(hf_tokenizer: PreTrainedTokenizerBase) -> None:
-    encoding = tiktoken.get_encoding("r50k_base")
-    assert hf_tokenizer.encode(TEXTS[0]) == [7454, 2402, 257, 640, 612, 373, 257, 30089, 13]
+def test_hf_tokenizer_matches_ours(hf_tokenizer: PreTrainedTokenizerBase) -> None:
+    ours = get_tokenizer(len(hf_tokenizer))
+    if ours.n_vocab == 50257:  # all of GPT-2's: tiktoken's own r50k_base
+        encoding = tiktoken.get_encoding("r50k_base")
+        assert all(
+            ours.encode_with_special(text) == encoding.encode(text, allowed_special="all")
+            for text in TEXTS
+        )
+        assert hf_tokenizer.encode(TEXTS[0]) == [7454, 2402, 257, 640, 612, 373, 257, 30089, 13]
     for text in TEXTS:
-        ids = encoding.encode(text, allowed_special="all")
+        ids = ours.encode_with_special(text)
         assert hf_tokenizer.encode(text) == ids, text
         assert hf_tokenizer.decode(ids) == text
-    assert hf_tokenizer.eos_token_id == hf_tokenizer.bos_token_id == EOT
+    assert hf_tokenizer.eos_token_id == hf_tokenizer.bos_token_id == ours.eot_id
+    assert max(hf_tokenizer.get_vocab().values()) == ours.n_vocab - 1
 
 
-def test_exports_refuse_a_vocabulary_other_than_gpt2s(tmp_path: Path) -> None:
-    model = sharp_model(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=50304))
-    with pytest.raises(ValueError, match="50257"):
-        export_hf(model, tmp_path / "hf")
-    with pytest.raises(ValueError, match="50257"):
-        export_gguf(model, tmp_path / "model.gguf")
-    assert os.listdir(tmp_path) == []
+def test_hf_tokenizer_of_fewer_merges_matches_ours_on_tinystories(
+    hf_tokenizer: PreTrainedTokenizerBase, shared_data: Path
+) -> None:
+    text = (shared_data / "tinystories-valid.txt").read_text(encoding="utf-8")[:100_000]
+    assert hf_tokenizer.encode(text) == get_tokenizer(len(hf_tokenizer)).encode_with_special(text)
+
+
+@pytest.mark.parametrize("vocab_size", [256, 50304])
+def test_a_vocabulary_that_is_not_gpt2s_is_refused(vocab_size: int) -> None:
+    with pytest.raises(ValueError, match="257.*50257"):
+        GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=vocab_size)
 
 
 def test_hf_export_replaces_a_previous_export_only(tmp_path: Path) -> None:
@@ -340,6 +359,7 @@ GGUF_CONFIGS = {
     "gpt2": GGUF_CONFIG,
     "llama": llama_style(block_size=24, bias=True, tie_embeddings=False, pad_vocab=True),
     "qwen3": llama_style(block_size=24, bias=False, qk_norm=True),
+    "llama-8k": llama_style(block_size=24, bias=False, vocab_size=8192),
 }
 
 
@@ -393,18 +413,20 @@ def assert_stored_values(
         assert_q8_0_close(stored, ours, tensor.name)
 
 
-def assert_gpt2_tokenizer(reader: gguf.GGUFReader) -> None:
-    vocab, merges = gpt2_vocab_and_merges()
+def assert_gpt2_tokenizer(reader: gguf.GGUFReader, vocab_size: int = 50257) -> None:
+    vocab, merges = gpt2_vocab_and_merges(vocab_size)
+    eot = vocab_size - 1
     tokens = field(reader, "tokenizer.ggml.tokens")
-    assert len(tokens) == 50257 and all(vocab[token] == i for i, token in enumerate(tokens))
+    assert len(tokens) == vocab_size and all(vocab[token] == i for i, token in enumerate(tokens))
     assert field(reader, "tokenizer.ggml.merges") == [f"{a} {b}" for a, b in merges]
+    assert len(merges) == vocab_size - 257
     token_types = field(reader, "tokenizer.ggml.token_type")
-    assert token_types[EOT] == gguf.TokenType.CONTROL
-    assert set(token_types[:EOT]) == {gguf.TokenType.NORMAL}
+    assert token_types[eot] == gguf.TokenType.CONTROL
+    assert set(token_types[:eot]) == {gguf.TokenType.NORMAL}
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
-    assert field(reader, "tokenizer.ggml.bos_token_id") == EOT
-    assert field(reader, "tokenizer.ggml.eos_token_id") == EOT
+    assert field(reader, "tokenizer.ggml.bos_token_id") == eot
+    assert field(reader, "tokenizer.ggml.eos_token_id") == eot
     assert field(reader, "tokenizer.ggml.add_bos_token") is False
 
 
@@ -485,12 +507,13 @@ def interleaved_to_rotate_half(rows: np.ndarray, n_head: int) -> np.ndarray:
 @pytest.mark.parametrize(
     ("arch", "dtype"),
     # Each type once (the storing code is shared); qwen3 differs in names and norms only.
-    [*(("llama", dtype) for dtype in GGUF_TYPES), ("qwen3", "f32")],
+    [*(("llama", dtype) for dtype in GGUF_TYPES), ("qwen3", "f32"), ("llama-8k", "f32")],
 )
 def test_gguf_llama_style_file(
     arch: str, dtype: str, gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]
 ) -> None:
     model, files = gguf_exports[arch]
+    arch = arch.removesuffix("-8k")  # GPT-2's first merges: the llama architecture still
     config = model.config
     reader = gguf.GGUFReader(files[dtype])
 
@@ -506,10 +529,10 @@ def test_gguf_llama_style_file(
     assert field(reader, f"{arch}.rope.dimension_count") == config.head_dim
     assert field(reader, f"{arch}.rope.freq_base") == 10000.0
     assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
-    assert field(reader, f"{arch}.vocab_size") == 50257
+    assert field(reader, f"{arch}.vocab_size") == config.vocab_size
     assert field(reader, "general.file_type") == FILE_TYPES[dtype]
     if dtype == "f32":  # the tokenizer is written whatever the type (its checks are slow)
-        assert_gpt2_tokenizer(reader)
+        assert_gpt2_tokenizer(reader, config.vocab_size)
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
 
@@ -525,7 +548,7 @@ def test_gguf_llama_style_file(
             assert not np.array_equal(stored, ours), tensor.name
             stored = interleaved_to_rotate_half(stored, config.n_head)
         assert_stored_values(tensor, stored, ours, matrix_type)
-    if arch == "llama" and dtype == "f32":
+    if arch == "llama" and dtype == "f32" and config.bias:  # the check reads the biases
         assert_llama_cpp_rotary_gives_our_scores(model, reader)
 
 
@@ -628,7 +651,8 @@ def test_llama_cpp_logits_match_ours(
 ) -> None:
     model, files = gguf_exports[arch]
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50257, (model.config.block_size,), generator=generator).tolist()
+    vocab_size = model.config.vocab_size
+    ids = torch.randint(0, vocab_size, (model.config.block_size,), generator=generator).tolist()
     theirs = llama_cpp_logits(files[dtype], ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0].numpy()
@@ -642,21 +666,23 @@ def test_llama_cpp_greedy_tokens_match_ours(
 ) -> None:
     model, files = gguf_exports[arch]
     prompt = "Once upon a time"
-    ids = tiktoken.get_encoding("r50k_base").encode(prompt)
+    tokenizer = get_tokenizer(model.config.vocab_size)
+    ids = tokenizer.encode(prompt)
     theirs: list[int] = []
-    while len(theirs) < 6 and EOT not in theirs:
+    while len(theirs) < 6 and tokenizer.eot_id not in theirs:
         theirs.append(int(llama_cpp_logits(files["f32"], ids + theirs)[-1].argmax()))
     assert theirs == greedy_tokens(model, prompt, 6)
 
 
 @pytest.mark.parametrize("arch", GGUF_CONFIGS)
-def test_llama_cpp_tokenizer_matches_tiktoken(
+def test_llama_cpp_tokenizer_matches_ours(
     arch: str, gguf_exports: dict[str, tuple[GPT, dict[str, Path]]]
 ) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama = llama_cpp.Llama(str(gguf_exports[arch][1]["f32"]), vocab_only=True, verbose=False)
-    encoding = tiktoken.get_encoding("r50k_base")
+    model, files = gguf_exports[arch]
+    llama = llama_cpp.Llama(str(files["f32"]), vocab_only=True, verbose=False)
+    ours = get_tokenizer(model.config.vocab_size)
     for text in TEXTS:
         ids = llama.tokenize(text.encode(), add_bos=False, special=True)
-        assert ids == encoding.encode(text, allowed_special="all"), text
+        assert ids == ours.encode_with_special(text), text
         assert llama.detokenize(ids, special=True) == text.encode()

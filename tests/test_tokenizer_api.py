@@ -1,5 +1,6 @@
-"""/tokenize, /detokenize and /tokenizer_info on a real server: vLLM's shapes, GPT-2's ids, and
-lm-eval's remote tokenizer reading them as it does for ``local-completions``."""
+"""/tokenize, /detokenize and /tokenizer_info on a real server: vLLM's shapes, each run's own
+vocabulary (GPT-2's for the default run, GPT-2's first merges for another), and lm-eval's remote
+tokenizer reading them as it does for ``local-completions``."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
-from servers import ApiServer, api_server
+from servers import ApiServer, api_server, write_checkpoint
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, get_tokenizer
 
 KEY = "tokenizer-test-key"
+CUT = 1024  # GPT-2's first 1,022 merges and <|endoftext|>
 TEXTS = [
     "Once upon a time, there was a little dog named Max.",
     "  spaces, tabs\tand\nnew lines  ",
@@ -23,8 +25,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ApiServer]:
-    # No checkpoint: the tokenizer answers before (and without) any model.
-    env = {"CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")), "API_KEY": KEY}
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    write_checkpoint(checkpoints / "cut", vocab_size=CUT)
+    write_checkpoint(checkpoints / "full")  # saved last: the default run
+    env = {"CHECKPOINT_DIR": str(checkpoints), "API_KEY": KEY}
     with api_server(env, tmp_path_factory.mktemp("server")) as running:
         yield running
 
@@ -68,7 +72,38 @@ def test_tokenizer_info_names_gpt2s_special_tokens(client: httpx.Client) -> None
     info = client.get("/tokenizer_info").json()
     assert info["tokenizer_class"] == "GPT2Tokenizer"
     assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"
-    assert info["vocab_size"] == 50257
+    assert info["vocab_size"] == 50257 and info["eos_token_id"] == 50256
+    assert info["vocabulary"] == "gpt2"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_run_with_fewer_merges_tokenizes_with_its_own_vocabulary(
+    client: httpx.Client, text: str
+) -> None:
+    cut = get_tokenizer(CUT)
+    answer = client.post("/tokenize", json={"model": "cut", "prompt": text + "<|endoftext|>"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["tokens"] == [*cut.encode(text), CUT - 1]
+    back = client.post("/detokenize", json={"model": "cut", "tokens": cut.encode(text)})
+    assert back.json() == {"prompt": text}
+    info = client.get("/tokenizer_info", params={"model": "cut"}).json()
+    assert (info["vocabulary"], info["vocab_size"], info["eos_token_id"]) == (
+        "gpt2-1024",
+        CUT,
+        CUT - 1,
+    )
+
+
+def test_an_id_outside_the_runs_vocabulary_gets_422_and_an_unknown_run_404(
+    client: httpx.Client,
+) -> None:
+    answer = client.post("/detokenize", json={"model": "cut", "tokens": [5, CUT]})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["param"] == "tokens.1"
+    assert "gpt2-1024" in answer.json()["error"]["message"]
+    assert client.post("/detokenize", json={"model": "full", "tokens": [5, CUT]}).status_code == 200
+    missing = client.post("/tokenize", json={"model": "nothing-here", "prompt": "Hi"})
+    assert missing.status_code == 404, missing.text
 
 
 @pytest.mark.parametrize(

@@ -195,8 +195,10 @@ class Trainer:
         self.tokens_per_step = config.tokens_per_step(self.block_size, self.world_size)
         self.optimizer, self.scaler = self._optimizer()
 
-        self.train_tokens = load_split(self.data_dir, "train")
-        self.val_tokens = load_split(self.data_dir, "val")
+        # A prepared dataset holds GPT-2's ids; a vocabulary with fewer merges reads them remapped.
+        vocab_size = self.model.config.vocab_size
+        self.train_tokens = load_split(self.data_dir, "train", vocab_size=vocab_size)
+        self.val_tokens = load_split(self.data_dir, "val", vocab_size=vocab_size)
         self.batches = self._batches(self.train_tokens, torch.Generator().manual_seed(config.seed))
         # Dropout masks must differ between processes, and follow on from the weights' seed.
         torch.manual_seed(config.seed + self.rank)
@@ -402,8 +404,11 @@ class Trainer:
             f"({str(self.dtype).removeprefix('torch.')}, {self.world_size} process(es)): "
             f"{length}, {self.tokens_per_step:,} tokens per step"
         )
-        val_loss = self.history[-1]["val_loss"] if self.history else None
-        self.callbacks.on_start(self._progress(val_loss=val_loss))
+        latest = self.history[-1] if self.history else {}
+        val_loss, val_bits_per_byte = latest.get("val_loss"), latest.get("val_bits_per_byte")
+        self.callbacks.on_start(
+            self._progress(val_loss=val_loss, val_bits_per_byte=val_bits_per_byte)
+        )
         losses = torch.zeros((), device=self.device)  # summed on the device between reports
         since_report, reported_at = 0, time.perf_counter()
         done = self._budget_spent()
@@ -440,6 +445,7 @@ class Trainer:
             if evaluate:
                 evaluated = self._evaluate(lr)
                 val_loss = evaluated["val_loss"]
+                val_bits_per_byte = evaluated["val_bits_per_byte"]
             if checkpoint or stop:
                 self._save(evaluated)
             if self.budget_s is None:
@@ -451,6 +457,7 @@ class Trainer:
                     final=last,
                     train_loss=train_loss,
                     val_loss=val_loss,
+                    val_bits_per_byte=val_bits_per_byte,
                     lr=lr,
                     tokens_per_s=tokens_per_s,
                     eta_s=eta_s,
@@ -581,7 +588,7 @@ class Trainer:
         """Mean loss over ``eval_iters`` batches of each split, the same windows every time (a
         generator of their own, so evaluating never moves the training data position)."""
         self.model.eval()
-        byte_lengths = token_byte_lengths().to(self.device)
+        byte_lengths = token_byte_lengths(self.model.config.vocab_size).to(self.device)
         metrics: Evaluation = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
             batches = self._batches(tokens, torch.Generator().manual_seed(self.config.seed + 1))

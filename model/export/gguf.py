@@ -35,7 +35,6 @@ from model.export.weights import (
     llama_state_dict,
 )
 from model.gpt import GPT
-from model.tokenizer import get_tokenizer
 
 _ARCHS = {
     "gpt2": gguf.MODEL_ARCH.GPT2,
@@ -68,7 +67,7 @@ def export_gguf(model: GPT, path: Path, dtype: str = "f16") -> None:
     try:
         writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[_ARCHS[architecture]])
         _add_metadata(writer, model, architecture, dtype, name=path.stem)
-        _add_tokenizer(writer)
+        _add_tokenizer(writer, model.config.vocab_size)
         _add_tensors(writer, model, architecture, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -108,10 +107,10 @@ def _add_metadata(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
-    vocab, merges = gpt2_vocab_and_merges()
+def _add_tokenizer(writer: gguf.GGUFWriter, vocab_size: int) -> None:
+    vocab, merges = gpt2_vocab_and_merges(vocab_size)
     tokens = sorted(vocab, key=vocab.__getitem__)
-    eot_id = get_tokenizer().eot_id
+    eot_id = vocab_size - 1  # <|endoftext|> is every vocabulary's last token
     writer.add_tokenizer_model("gpt2")  # byte-level BPE
     writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizing regex
     writer.add_token_list(tokens)

@@ -35,7 +35,7 @@ from model.export.weights import (
     llama_state_dict,
 )
 from model.gpt import GPT
-from model.tokenizer import END_OF_TEXT, get_tokenizer
+from model.tokenizer import END_OF_TEXT
 
 # Weights of the Linear layers that GPT-2 implements as Conv1D.
 CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -116,8 +116,8 @@ def _export_files(model: GPT) -> dict[str, bytes]:
         name: tensor.clone(memory_format=torch.contiguous_format)
         for name, tensor in tensors.items()
     }
-    eot_id = get_tokenizer().eot_id
-    vocab, merges = gpt2_vocab_and_merges()
+    eot_id = config.vocab_size - 1  # <|endoftext|> is every vocabulary's last token
+    vocab, merges = gpt2_vocab_and_merges(config.vocab_size)
     special_tokens = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",
@@ -145,7 +145,7 @@ def _export_files(model: GPT) -> dict[str, bytes]:
 def _gpt2_config(model: GPT) -> dict[str, Any]:
     """config.json of a ``GPT2LMHeadModel``."""
     config = model.config
-    eot_id = get_tokenizer().eot_id
+    eot_id = config.vocab_size - 1
     return {
         "architectures": [HF_CLASSES["gpt2"]],
         "model_type": "gpt2",
@@ -177,7 +177,7 @@ def _gpt2_config(model: GPT) -> dict[str, Any]:
 def _llama_config(model: GPT, architecture: Architecture) -> dict[str, Any]:
     """config.json of a ``LlamaForCausalLM`` (or, with QK-norm, a ``Qwen3ForCausalLM``)."""
     config = model.config
-    eot_id = get_tokenizer().eot_id
+    eot_id = config.vocab_size - 1
     hf_config: dict[str, Any] = {
         "architectures": [HF_CLASSES[architecture]],
         "model_type": architecture,

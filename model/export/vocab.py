@@ -1,5 +1,5 @@
-"""GPT-2's tokenizer in the form Hugging Face and llama.cpp expect: a string vocabulary and a
-merge list, both recovered from tiktoken's ``r50k_base`` ranks.
+"""GPT-2's tokenizer (all of it, or its first merges) in the form Hugging Face and llama.cpp
+expect: a string vocabulary and a merge list, both recovered from tiktoken's ``r50k_base`` ranks.
 
 tiktoken stores each token as raw bytes with a rank that is also its GPT-2 id. GPT-2's own files
 (``vocab.json`` / ``merges.txt``) spell tokens as printable strings instead, one unicode
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from model.config import GPT2_VOCAB_SIZE
 from model.tokenizer import END_OF_TEXT, get_tokenizer
 
 
@@ -57,11 +58,14 @@ def _split_in_two(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 
 @cache
-def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """GPT-2's ``vocab.json`` (token string → id, ``<|endoftext|>`` included) and ``merges.txt``
-    (pairs in merge order: merge ``i`` creates token ``256 + i``)."""
-    tokenizer = get_tokenizer()
-    ranks = {tokenizer.token_bytes(token_id): token_id for token_id in range(tokenizer.eot_id)}
+def gpt2_vocab_and_merges(
+    vocab_size: int = GPT2_VOCAB_SIZE,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``vocab.json`` (token string → id, ``<|endoftext|>`` included) and ``merges.txt`` (pairs
+    in merge order: merge ``i`` creates token ``256 + i``) of GPT-2's vocabulary, or of GPT-2's
+    first merges: ``vocab_size`` tokens, ``vocab_size - 257`` merges."""
+    tokenizer = get_tokenizer(vocab_size)
+    ranks = tokenizer.ranks()
     vocab = {_token_string(token): rank for token, rank in ranks.items()}
     vocab[END_OF_TEXT] = tokenizer.eot_id
     merges = [

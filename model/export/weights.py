@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from model.config import GPT2_VOCAB_SIZE, GPTConfig
+from model.config import GPTConfig
 from model.gpt import GPT
 
 # What an export is: GPT-2's own network, or Llama's (rotary, RMSNorm, SwiGLU), or Llama's with
@@ -24,12 +24,6 @@ _WHAT_EXPORTS = (
 def export_architecture(config: GPTConfig) -> Architecture:
     """The Hugging Face and llama.cpp architecture that computes what ``config``'s network does,
     or a ValueError naming the option that none of them has."""
-    if config.vocab_size != GPT2_VOCAB_SIZE:
-        # Exports carry GPT-2's tokenizer, which must cover the embedding rows exactly.
-        raise ValueError(
-            f"exports need GPT-2's vocabulary of {GPT2_VOCAB_SIZE} tokens, "
-            f"but this model has vocab_size {config.vocab_size}"
-        )
     if config.is_gpt2:
         return "gpt2"
     if config.activation == "relu2":

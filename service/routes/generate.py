@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import ServerSentEvent
 
-from model.tokenizer import get_tokenizer
 from service.auth import require_api_key, settings_of
 from service.dependencies import client_of, engine_of, reloader_of
 from service.engine import Engine, EngineError, Generation, TextPiece
@@ -56,7 +55,7 @@ async def generate(
     if body.stream:
         return event_stream(request, _events(generation))
     (story,) = await whole_stories(request, [generation])
-    tokenizer = get_tokenizer()
+    tokenizer = generation.tokenizer
     return await json_answer(
         lambda: GenerateResponse(
             text=story.text,
@@ -74,7 +73,9 @@ async def _events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     try:
         async for record in generation.records():
             if isinstance(record, TextPiece):
-                yield ServerSentEvent(Piece.of(record).model_dump_json(), event="token")
+                yield ServerSentEvent(
+                    Piece.of(record, generation.tokenizer).model_dump_json(), event="token"
+                )
             else:
                 yield ServerSentEvent(Finished.of(record).model_dump_json(), event="done")
     except EngineError as failure:

@@ -30,7 +30,7 @@ from contract.settings import Settings
 from model.checkpoint import CheckpointError, read_meta
 from model.generate import FinishReason, TokenLogprob
 from model.sampling import derive_seed, resolve_seed
-from model.tokenizer import Tokenizer, get_tokenizer
+from model.tokenizer import Tokenizer
 from service.auth import require_api_key, settings_of
 from service.dependencies import client_of, reloader_of
 from service.engine import (
@@ -211,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             created=created,
             model=answers[0].finish.version,
             choices=[
-                _completion_choice(index, body, story, echo)
+                _completion_choice(index, body, story, echo, generations[0].tokenizer)
                 for index, (story, echo) in enumerate(zip(answers, echoes, strict=True))
             ],
             usage=_usage([story.finish for story in answers], body.n),
@@ -228,9 +228,12 @@ def _version(generations: list[Generation]) -> str:
 
 
 def _completion_choice(
-    index: int, body: CompletionRequest, story: Story, prompt: str | list[int]
+    index: int,
+    body: CompletionRequest,
+    story: Story,
+    prompt: str | list[int],
+    tokenizer: Tokenizer,
 ) -> CompletionChoice:
-    tokenizer = get_tokenizer()
     text = story.text
     logprobs = None
     if body.echo:
@@ -258,7 +261,7 @@ async def _completion_chunks(
     completion_id: str,
     created: int,
 ) -> AsyncIterator[ServerSentEvent]:
-    tokenizer = get_tokenizer()
+    tokenizer = generations[0].tokenizer  # one run writes them all
     offsets = [_Offsets(tokenizer) for _ in generations]
     echoed = [False] * len(generations)
     finishes: list[Finish | None] = [None] * len(generations)
@@ -332,7 +335,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.stream:
         return event_stream(request, _chat_chunks(body, generations, completion_id, created))
     answers = await whole_stories(request, generations)
-    tokenizer = get_tokenizer()
+    tokenizer = generations[0].tokenizer  # one run writes them all
     return await json_answer(
         lambda: ChatCompletion(
             id=completion_id,
@@ -356,7 +359,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def _chat_chunks(
     body: ChatCompletionRequest, generations: list[Generation], completion_id: str, created: int
 ) -> AsyncIterator[ServerSentEvent]:
-    tokenizer = get_tokenizer()
+    tokenizer = generations[0].tokenizer  # one run writes them all
     finishes: list[Finish | None] = [None] * len(generations)
     started = [False] * len(generations)
 

@@ -2,8 +2,9 @@
 vLLM's shapes, which lm-eval's ``local-completions`` reads as its remote tokenizer (it finds them
 beside ``/v1/completions``' base URL).
 
-Every run shares GPT-2's vocabulary, so these take no ``model``; vLLM's ``model`` and
-``add_special_tokens`` (GPT-2 adds no special tokens) are accepted and change nothing.
+Each run has its own vocabulary (GPT-2's, or GPT-2's first merges): ``model`` names the run,
+as in a completion request (none: the default run's), and the run is loaded if it is not. vLLM's
+``add_special_tokens`` is accepted and changes nothing (GPT-2 adds no special tokens).
 """
 
 from __future__ import annotations
@@ -11,32 +12,37 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import GPT2_VOCAB_SIZE
-from model.tokenizer import END_OF_TEXT, get_tokenizer
+from model.tokenizer import END_OF_TEXT, Tokenizer
 from service.auth import require_api_key
-from service.engine import INLINE_TOKENIZE_CHARS
-from service.errors import error_responses
+from service.dependencies import engine_of, reloader_of
+from service.engine import INLINE_TOKENIZE_CHARS, Engine
+from service.errors import ApiError, error_responses
 from service.limits import require_json
+from service.reloader import Reloader
 from service.schemas import ValidUnicode
 
 router = APIRouter(
     tags=["tokenizer"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
+    responses=error_responses(401, 404, 503),
 )
 BODY_ERRORS = error_responses(400, 408, 413, 415, 422)
+MODEL_FIELD = Field(None, description="the run whose tokenizer to use (default: the default run)")
 TokenId = Annotated[int, Field(ge=0, lt=GPT2_VOCAB_SIZE)]
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    model: str | None = MODEL_FIELD
     prompt: Annotated[str, ValidUnicode] = Field(
-        description='text; a literal "<|endoftext|>" is the end-of-text token (id 50256), as in '
-        "Hugging Face's GPT-2 tokenizer (a /v1/completions text prompt reads it as plain text)"
+        description='text; a literal "<|endoftext|>" is the end-of-text token (the vocabulary\'s '
+        "last id: 50256 in GPT-2's), as in Hugging Face's GPT-2 tokenizer (a /v1/completions "
+        "text prompt reads it as plain text)"
     )
 
 
@@ -48,7 +54,11 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    tokens: list[TokenId] = Field(description=f"GPT-2 token ids, 0 to {GPT2_VOCAB_SIZE - 1}")
+    model: str | None = MODEL_FIELD
+    tokens: list[TokenId] = Field(
+        description="token ids of the run's vocabulary (0 to vocab_size - 1; all of GPT-2's: "
+        f"0 to {GPT2_VOCAB_SIZE - 1})"
+    )
 
 
 class DetokenizeResponse(BaseModel):
@@ -56,20 +66,31 @@ class DetokenizeResponse(BaseModel):
 
 
 class TokenizerInfo(BaseModel):
-    """GPT-2's tokenizer as Hugging Face's tokenizer_config.json describes it (vLLM's answer),
-    and the size of its vocabulary."""
+    """A run's tokenizer as Hugging Face's tokenizer_config.json describes it (vLLM's answer),
+    its name and the size of its vocabulary."""
 
     tokenizer_class: str = "GPT2Tokenizer"
     bos_token: str = END_OF_TEXT
     eos_token: str = END_OF_TEXT
     unk_token: str = END_OF_TEXT
     add_bos_token: bool = Field(False, description="no token is put before a text")
-    vocab_size: int = GPT2_VOCAB_SIZE
+    vocabulary: str = Field(description="gpt2, or GPT-2's first merges (gpt2-8k, ...)")
+    vocab_size: int = Field(description="tokens, <|endoftext|> (the last id) included")
+    eos_token_id: int
+
+
+async def _tokenizer(engine: Engine, reloader: Reloader, model: str | None) -> Tokenizer:
+    run = await reloader.resolve(model)
+    return engine.models[run].tokenizer
+
+
+Engines = Annotated[Engine, Depends(engine_of)]
+Reloaders = Annotated[Reloader, Depends(reloader_of)]
 
 
 @router.post("/tokenize", dependencies=[Depends(require_json)], responses=BODY_ERRORS)
-async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-    encode = get_tokenizer().encode_with_special
+async def tokenize(body: TokenizeRequest, engine: Engines, reloader: Reloaders) -> TokenizeResponse:
+    encode = (await _tokenizer(engine, reloader, body.model)).encode_with_special
     if len(body.prompt) <= INLINE_TOKENIZE_CHARS:
         tokens = encode(body.prompt)
     else:  # a text near the body limit takes tens of milliseconds: not on the event loop
@@ -78,10 +99,28 @@ async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
 
 
 @router.post("/detokenize", dependencies=[Depends(require_json)], responses=BODY_ERRORS)
-async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-    return DetokenizeResponse(prompt=get_tokenizer().decode(body.tokens))
+async def detokenize(
+    body: DetokenizeRequest, engine: Engines, reloader: Reloaders
+) -> DetokenizeResponse:
+    tokenizer = await _tokenizer(engine, reloader, body.model)
+    for index, token in enumerate(body.tokens):
+        if token >= tokenizer.n_vocab:
+            raise ApiError(
+                422,
+                f"token id {token} is outside the vocabulary {tokenizer.name} "
+                f"(ids 0 to {tokenizer.n_vocab - 1})",
+                param=f"tokens.{index}",
+            )
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info() -> TokenizerInfo:
-    return TokenizerInfo()
+async def tokenizer_info(
+    engine: Engines,
+    reloader: Reloaders,
+    model: Annotated[str | None, Query(description=MODEL_FIELD.description)] = None,
+) -> TokenizerInfo:
+    tokenizer = await _tokenizer(engine, reloader, model)
+    return TokenizerInfo(
+        vocabulary=tokenizer.name, vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_id
+    )
