@@ -259,7 +259,14 @@ class ModelCard(BaseModel):
     val_loss: float | None = Field(
         default=None,
         description="its latest checkpoint's val loss, from the checkpoint's metadata (null when "
-        "the checkpoint recorded none)",
+        "the checkpoint recorded none); per token, so comparable within one vocabulary only",
+    )
+    val_bits_per_byte: float | None = Field(
+        default=None,
+        description="the same evaluation in bits per byte of text: comparable across vocabularies",
+    )
+    vocabulary: str | None = Field(
+        default=None, description="its tokenizer: gpt2, or GPT-2's first merges (gpt2-8k, ...)"
     )
 
 

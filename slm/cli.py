@@ -170,6 +170,9 @@ def _init_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--block-size", type=int, help="positions (default: the preset's)")
+    parser.add_argument(
+        "--vocabulary", help="gpt2, or GPT-2's first merges: gpt2-8k ... (default: the preset's)"
+    )
 
 
 @command("init", _init_options)
@@ -178,9 +181,12 @@ def _init(args: argparse.Namespace) -> int:
 
     from model import GPT, preset
     from model.checkpoint import save_checkpoint
+    from model.config import vocabulary_size
 
     torch.manual_seed(args.seed)
     overrides = {"block_size": args.block_size} if args.block_size else {}
+    if args.vocabulary:
+        overrides["vocab_size"] = vocabulary_size(args.vocabulary)
     model = GPT(preset(args.preset, **overrides))
     path = save_checkpoint(
         args.out, model, step=0, extra={"preset": args.preset, "init_seed": args.seed}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,10 +240,10 @@ def test_generation_stats_describe_the_stories_of_seeds_0_to_n(tiny_model, token
 def test_slm_eval_prints_two_checkpoints_side_by_side_and_saves_each_report(
     data_dir, tmp_path, capsys
 ) -> None:
-    for seed in ("0", "1"):
-        assert (
-            main(["init", "--preset", "tiny", "--seed", seed, "--out", str(tmp_path / seed)]) == 0
-        )
+    for seed, vocabulary in (("0", "gpt2"), ("1", "gpt2-4k")):
+        out = str(tmp_path / seed)
+        initialised = ["init", "--preset", "tiny", "--seed", seed, "--vocabulary", vocabulary]
+        assert main([*initialised, "--out", out]) == 0
     options = ("--data", str(data_dir), "--samples", "2", "--max-new-tokens", "8", "--quiet")
     evaluated = subprocess.run(
         [SLM, "eval", str(tmp_path / "0"), str(tmp_path / "1"), *options],
@@ -252,7 +253,11 @@ def test_slm_eval_prints_two_checkpoints_side_by_side_and_saves_each_report(
     assert evaluated.returncode == 0, evaluated.stderr
     table = evaluated.stdout.splitlines()
     assert table[0].split() == ["0/step-00000000", "1/step-00000000"]
-    assert table[2].startswith("val loss (nats/token)") and len(table[2].split()) == 5
+    cells = [re.split(r"\s{2,}", line.strip()) for line in table[1:]]
+    rows = {name: values for name, *values in cells}
+    # Two vocabularies: each checkpoint reads the val split in its own; bits per byte compare.
+    assert rows["vocabulary"] == ["gpt2", "gpt2-4k"]
+    assert len(rows["val bits per byte"]) == len(rows["val loss (nats/token)"]) == 2
 
     reports = [tmp_path / run / "step-00000000.eval.json" for run in ("0", "1")]
     saved = json.loads(reports[0].read_text())
@@ -261,7 +266,11 @@ def test_slm_eval_prints_two_checkpoints_side_by_side_and_saves_each_report(
     assert saved["loss"]["loss"] == pytest.approx(math.log(50257), abs=0.1)
     assert saved["endings"]["chance"] == 0.25
     assert saved["generation"]["samples"] == 2 and saved["generation"]["mean_length"] <= 8
-    assert f"{saved['loss']['loss']:.4f}" in table[2]
+    assert rows["val loss (nats/token)"][0] == f"{saved['loss']['loss']:.4f}"
+    other = json.loads(reports[1].read_text())
+    assert other["vocabulary"] == "gpt2-4k"
+    assert other["loss"]["tokens"] == len(load_split(data_dir, "val", vocab_size=4096)) - 1
+    assert other["loss"]["loss"] == pytest.approx(math.log(4096), abs=0.1)
 
     capsys.readouterr()
     assert main(["eval", "--compare", *map(str, reports)]) == 0

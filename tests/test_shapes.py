@@ -7,9 +7,10 @@ import pytest
 from pydantic import ValidationError
 from test_cli import slm
 
-from contract.train import SHAPE_FIELDS, TrainConfig, describe_error
+from contract.train import SHAPE_FIELDS, TrainConfig, TrainProgress, describe_error
 from model import GPT, preset
 from model.checkpoint import load_checkpoint, save_checkpoint
+from worker.callbacks import TrainCallback
 from worker.trainer import TrainError, train
 
 FAST = dict(
@@ -24,6 +25,14 @@ FAST = dict(
     seed=0,
     device="cpu",
 )
+
+
+class Recorder(TrainCallback):
+    def __init__(self) -> None:
+        self.seen: list[TrainProgress] = []
+
+    def on_progress(self, progress: TrainProgress) -> None:
+        self.seen.append(progress)
 
 
 def test_overrides_change_the_presets_network_and_none_keeps_it() -> None:
@@ -120,3 +129,36 @@ def test_slm_train_offers_the_shape_options_and_refuses_a_bad_one(train_data, tm
     # The default preset's width (small: 128) does not divide by 5.
     assert "n_embd (128) must be divisible by n_head (5)" in refused.stderr
     assert "Traceback" not in refused.stderr and not out.exists()
+
+
+def test_a_run_with_fewer_merges_trains_on_gpt2_data_and_reports_bits_per_byte(
+    train_data, tmp_path
+) -> None:
+    from model.generate import complete
+    from model.sampling import SamplingParams
+    from worker.data import load_split
+
+    config = TrainConfig(**{**FAST, "eval_interval": 3}, vocabulary="gpt2-1024")
+    recorder = Recorder()
+    result = train(config, train_data, tmp_path / "run", callbacks=[recorder])
+    assert result.status == "finished"
+    model, meta = load_checkpoint(result.last_checkpoint)
+    assert meta.config.vocab_size == 1024 and meta.config.vocabulary == "gpt2-1024"
+    assert model.transformer.wte.weight.shape[0] == 1024
+    final = recorder.seen[-1]
+    assert final.val_loss is not None and final.val_bits_per_byte is not None
+    # Fewer merges: the same text is more tokens.
+    val = load_split(train_data, "val", vocab_size=1024)
+    assert len(val) > len(load_split(train_data, "val")) and int(val.max()) < 1024
+    # The checkpoint writes in its own vocabulary: every id below 1024.
+    story = complete(model.eval(), "Once upon a time", SamplingParams(max_new_tokens=12, seed=1))
+    assert story.token_ids and max(story.token_ids) < 1024
+
+
+def test_an_unknown_vocabulary_is_refused_with_the_names() -> None:
+    with pytest.raises(ValidationError) as refused:
+        TrainConfig(vocabulary="gpt3")
+    message = describe_error(refused.value)
+    assert "vocabulary" in message and "gpt2-8k" in message and "gpt2-<size>" in message
+    assert TrainConfig(vocabulary="gpt2-8k").model().vocab_size == 8192
+    assert TrainConfig(vocabulary="gpt2-3000").model().vocab_size == 3000

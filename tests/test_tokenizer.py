@@ -11,6 +11,7 @@ import tarfile
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from packaging.requirements import Requirement
 from servers import REPO
@@ -18,7 +19,9 @@ from servers import REPO
 from model.tokenizer import (
     VOCAB_SHA256,
     WHISPER_VOCAB_MEMBER,
+    Tokenizer,
     cached_vocab_path,
+    get_tokenizer,
     install_vocab,
 )
 
@@ -147,3 +150,52 @@ def test_tiktoken_is_required_at_a_release_that_encodes_long_runs_quickly() -> N
     (required,) = [Requirement(d) for d in dependencies if Requirement(d).name == "tiktoken"]
     assert "0.12.0" not in required.specifier and "0.13.0" in required.specifier
     assert importlib.metadata.version("tiktoken") in required.specifier
+
+
+# --- GPT-2's first merges -------------------------------------------------------------------
+
+CUT_SIZES = [4096, 8192, 16384]
+
+
+@pytest.mark.parametrize("size", CUT_SIZES)
+def test_fewer_merges_keep_gpt2s_ids_below_the_cut(size: int) -> None:
+    full, cut = get_tokenizer(), get_tokenizer(size)
+    assert (cut.n_vocab, cut.eot_id) == (size, size - 1)
+    assert cut.name == {4096: "gpt2-4k", 8192: "gpt2-8k", 16384: "gpt2-16k"}[size]
+    assert all(cut.token_bytes(i) == full.token_bytes(i) for i in range(0, size - 1, 7))
+    for text in TEXTS:
+        ids = cut.encode(text)
+        assert max(ids, default=0) < size - 1 and cut.decode(ids) == text
+    # More merges never give more tokens.
+    assert len(cut.encode(TEXTS[0])) >= len(full.encode(TEXTS[0]))
+    assert cut.encode_with_special("The end.<|endoftext|>")[-1] == size - 1
+
+
+@pytest.mark.parametrize("size", [257, *CUT_SIZES])
+def test_gpt2_ids_remapped_equal_encoding_the_text_with_fewer_merges(size: int) -> None:
+    full, cut = get_tokenizer(), get_tokenizer(size)
+    stories = TEXTS + [text.upper() for text in TEXTS]
+    gpt2_ids = [token for story in stories for token in [full.eot_id, *full.encode(story)]]
+    direct = [token for story in stories for token in [cut.eot_id, *cut.encode(story)]]
+    remapped = cut.from_gpt2(np.array(gpt2_ids, dtype=np.uint16), chunk=5)
+    assert remapped.dtype == np.uint16 and remapped.tolist() == direct
+
+
+def test_remapping_tinystories_equals_encoding_it_directly(shared_data) -> None:
+    full = get_tokenizer()
+    text = (shared_data / "tinystories-valid.txt").read_text(encoding="utf-8")
+    stories = [story.strip() for story in text.split("<|endoftext|>") if story.strip()]
+    gpt2_ids = np.array(
+        [token for story in stories for token in [full.eot_id, *full.encode(story)]],
+        dtype=np.uint16,
+    )
+    for size in CUT_SIZES:
+        cut = get_tokenizer(size)
+        direct = [token for story in stories for token in [cut.eot_id, *cut.encode(story)]]
+        assert cut.from_gpt2(gpt2_ids).tolist() == direct, size
+
+
+@pytest.mark.parametrize("size", [256, 50258, 0])
+def test_a_size_that_is_no_gpt2_vocabulary_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="257 to 50257"):
+        Tokenizer(size)

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.types import DecoratedCallable
@@ -87,8 +87,8 @@ async def models(
     settings: Annotated[Settings, Depends(settings_of)],
 ) -> ModelList:
     runs = await reloader.runs()
-    losses = await asyncio.to_thread(
-        lambda: [_val_loss(settings.checkpoint_dir, run.version) for run in runs]
+    recorded = await asyncio.to_thread(
+        lambda: [_recorded(settings.checkpoint_dir, run.version) for run in runs]
     )
     return ModelList(
         data=[
@@ -97,21 +97,29 @@ async def models(
                 created=int(run.created_at.timestamp()),
                 version=run.version,
                 loaded=run.loaded,
-                val_loss=loss,
+                **fields,
             )
-            for run, loss in zip(runs, losses, strict=True)
+            for run, fields in zip(runs, recorded, strict=True)
         ]
     )
 
 
-def _val_loss(root: Path, version: str) -> float | None:
-    """The val loss a checkpoint's metadata records (``version``: ``<run>/<checkpoint>``), or None
-    when it has none or cannot be read (rewritten or deleted since it was listed)."""
+def _recorded(root: Path, version: str) -> dict[str, Any]:
+    """What a checkpoint's metadata records of its quality and vocabulary (``version``:
+    ``<run>/<checkpoint>``); nothing when it cannot be read (rewritten or deleted since it was
+    listed)."""
     run, _, checkpoint = version.partition("/")
     try:
-        return read_meta(root / run / f"{checkpoint}.json").val_loss
+        meta = read_meta(root / run / f"{checkpoint}.json")
     except (CheckpointError, OSError, ValueError):
-        return None
+        return {}
+    evaluated = meta.extra.get("eval")
+    bits = evaluated.get("val_bits_per_byte") if isinstance(evaluated, dict) else None
+    return {
+        "val_loss": meta.val_loss,
+        "val_bits_per_byte": bits if isinstance(bits, float) else None,
+        "vocabulary": meta.config.vocabulary,
+    }
 
 
 def _answers(

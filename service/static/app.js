@@ -64,11 +64,16 @@ async function refreshRuns() {
     const checkpoint = card.version.startsWith(`${card.id}/`)
       ? card.version.slice(card.id.length + 1)
       : card.version;
-    // The latest checkpoint's val loss, when it recorded one: runs compare at a glance.
-    option.textContent =
-      card.val_loss != null
-        ? `${card.id} (${checkpoint}) — val loss ${card.val_loss.toFixed(3)}`
-        : `${card.id} (${checkpoint})`;
+    // The latest checkpoint's bits per byte (loss compares runs of one vocabulary only), else
+    // its val loss, when it recorded one: runs compare at a glance.
+    const quality =
+      card.val_bits_per_byte != null
+        ? ` — ${card.val_bits_per_byte.toFixed(3)} bits/byte`
+        : card.val_loss != null
+          ? ` — val loss ${card.val_loss.toFixed(3)}`
+          : "";
+    const vocabulary = card.vocabulary && card.vocabulary !== "gpt2" ? `, ${card.vocabulary}` : "";
+    option.textContent = `${card.id} (${checkpoint}${vocabulary})${quality}`;
     option.title = card.version;
     return option;
   });
@@ -464,7 +469,7 @@ function jobRequest(form) {
 // the rest).
 const SHAPE_NUMBERS = ["n_layer", "n_head", "n_embd"];
 const SHAPE_CHOICES = ["bias", "position", "norm", "activation", "qk_norm", "tie_embeddings",
-  "pad_vocab"];
+  "pad_vocab", "vocabulary"];
 
 function modelOverrides(fields) {
   const overrides = {};
@@ -591,6 +596,7 @@ function describeJob(job) {
     job.val_loss != null ? `val ${job.val_loss.toFixed(3)}` : null,
   ].filter(Boolean);
   if (losses.length) parts.push(`loss ${losses.join(", ")}`);
+  if (job.val_bits_per_byte != null) parts.push(`${job.val_bits_per_byte.toFixed(3)} bits/byte`);
   if (job.message) parts.push(jobMessage(job));
   return parts.join(" — ");
 }
