@@ -137,6 +137,7 @@ class Tokenizer:
         self.eot_id = self._encoding.eot_token
         self.n_vocab = self._encoding.n_vocab
         self._texts: list[str] | None = None
+        self._splits: tuple[np.ndarray, np.ndarray] | None = None  # see _gpt2_splits
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; a literal "<|endoftext|>" in user text is just text."""
@@ -168,7 +169,8 @@ class Tokenizer:
     def from_gpt2(self, ids: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
         """GPT-2 token ids (a prepared dataset's) as this vocabulary's, as uint16 — what
         encoding their text would give, without the text: each GPT-2 token becomes the tokens
-        its bytes split into. Chunked, so a memory-mapped split is read once, a chunk at a time."""
+        its bytes split into. Chunked, so a memory-mapped split is never held whole as int64 ids
+        (it is read twice: once to size the output, once to fill it)."""
         if self.n_vocab == GPT2_VOCAB_SIZE:
             return np.asarray(ids)
         offsets, pieces = self._gpt2_splits()
@@ -187,24 +189,29 @@ class Tokenizer:
             written += int(ends[-1])
         return out
 
-    @cache  # noqa: B019 - one table per vocabulary, and tokenizers live as long as the process
     def _gpt2_splits(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(offsets, pieces)``: GPT-2 id ``i`` becomes ``pieces[offsets[i]:offsets[i + 1]]``.
-        Each GPT-2 token's bytes are byte-pair encoded with this vocabulary's merges, lowest rank
-        first and leftmost on ties, as tiktoken does within a piece of text."""
-        gpt2 = _gpt2_encoding()
-        ranks = self.ranks()
-        splits = [
-            _byte_pair_encode(gpt2.decode_single_token_bytes(i), ranks)
-            for i in range(gpt2.eot_token)
-        ]
-        splits.append([self.eot_id])
-        offsets = np.zeros(len(splits) + 1, dtype=np.int64)
-        np.cumsum([len(split) for split in splits], out=offsets[1:])
-        pieces = np.fromiter(
-            (token for split in splits for token in split), dtype=np.int64, count=int(offsets[-1])
-        )
-        return offsets, pieces
+        """``(offsets, pieces)``: GPT-2 id ``i`` becomes ``pieces[offsets[i]:offsets[i + 1]]``,
+        built once. An id below the cut is its own token; each longer GPT-2 token's bytes are
+        byte-pair encoded with this vocabulary's merges, lowest rank first and leftmost on ties,
+        as tiktoken does within a piece of text."""
+        if self._splits is None:
+            gpt2 = _gpt2_encoding()
+            ranks = self.ranks()
+            splits = [[i] for i in range(self.eot_id)]
+            splits += [
+                _byte_pair_encode(gpt2.decode_single_token_bytes(i), ranks)
+                for i in range(self.eot_id, gpt2.eot_token)
+            ]
+            splits.append([self.eot_id])
+            offsets = np.zeros(len(splits) + 1, dtype=np.int64)
+            np.cumsum([len(split) for split in splits], out=offsets[1:])
+            pieces = np.fromiter(
+                (token for split in splits for token in split),
+                dtype=np.int64,
+                count=int(offsets[-1]),
+            )
+            self._splits = offsets, pieces
+        return self._splits
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -236,9 +243,14 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         ) from error
 
 
-@cache
 def get_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> Tokenizer:
-    """The process-wide tokenizer of a vocabulary (building one takes a fraction of a second)."""
+    """The process-wide tokenizer of a vocabulary (building one takes a fraction of a second):
+    one object per size, however it is asked for, so tokenizers compare by identity."""
+    return _tokenizer_of(vocab_size)
+
+
+@cache
+def _tokenizer_of(vocab_size: int) -> Tokenizer:
     return Tokenizer(vocab_size)
 
 
