@@ -19,7 +19,7 @@ from model.config import GPT2_VOCAB_SIZE
 from model.tokenizer import END_OF_TEXT, Tokenizer
 from service.auth import require_api_key
 from service.dependencies import engine_of, reloader_of
-from service.engine import INLINE_TOKENIZE_CHARS, Engine
+from service.engine import INLINE_TOKENIZE_CHARS, Engine, NoModel
 from service.errors import ApiError, error_responses
 from service.limits import require_json
 from service.reloader import Reloader
@@ -81,7 +81,10 @@ class TokenizerInfo(BaseModel):
 
 async def _tokenizer(engine: Engine, reloader: Reloader, model: str | None) -> Tokenizer:
     run = await reloader.resolve(model)
-    return engine.models[run].tokenizer
+    loaded = engine.models.get(run)
+    if loaded is None:  # unloaded since it was resolved (another run took its place)
+        raise NoModel(f"{run} is not loaded")
+    return loaded.tokenizer
 
 
 Engines = Annotated[Engine, Depends(engine_of)]
