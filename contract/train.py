@@ -31,6 +31,7 @@ from model.config import (
     Norm,
     Position,
     preset,
+    vocabulary_name,
     vocabulary_size,
 )
 from model.sampling import MAX_SEED
@@ -210,9 +211,10 @@ class TrainConfig(BaseModel):
     @field_validator("vocabulary")
     @classmethod
     def _known_vocabulary(cls, name: str | None) -> str | None:
-        if name is not None:
-            vocabulary_size(name)  # a ValueError that lists the names
-        return name
+        """The vocabulary's own name (gpt2-8192 is gpt2-8k), as its checkpoints report it, so a
+        fine-tune or resume that names it either way asks for the same shape; a ValueError that
+        lists the names for an unknown one."""
+        return None if name is None else vocabulary_name(vocabulary_size(name))
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

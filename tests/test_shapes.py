@@ -162,3 +162,5 @@ def test_an_unknown_vocabulary_is_refused_with_the_names() -> None:
     assert "vocabulary" in message and "gpt2-8k" in message and "gpt2-<size>" in message
     assert TrainConfig(vocabulary="gpt2-8k").model().vocab_size == 8192
     assert TrainConfig(vocabulary="gpt2-3000").model().vocab_size == 3000
+    # One vocabulary, one name: what its checkpoints report.
+    assert TrainConfig(vocabulary="gpt2-8192").vocabulary == "gpt2-8k"
