@@ -32,6 +32,8 @@ from contract.store import train_queue
 
 log = logging.getLogger("slm.worker")
 
+PUBSUB_WAKE_S = 1.0  # the longest a stopping worker waits for its command-channel thread
+
 _stop_signalled = False
 
 
@@ -66,6 +68,18 @@ class TrainWorker(Worker):
         if self.execution is not None and self.horse_pid:
             with contextlib.suppress(ProcessLookupError):  # the horse has just ended
                 os.kill(self.horse_pid, signal.SIGTERM)
+
+    def subscribe(self) -> None:
+        """RQ's command channel, read by a thread that wakes every PUBSUB_WAKE_S rather than
+        RQ's 60 s: since redis-py 8.2, stopping that thread (RQ's ``unsubscribe``, on every
+        shutdown) waits for its wait on the channel to end, so a worker told to stop while idle
+        took up to a minute to exit."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_WAKE_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def setup_work_horse_signals(self) -> None:
         """In the horse: SIGTERM sets ``stop_signalled`` instead of killing it (RQ itself ends a
