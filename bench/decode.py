@@ -245,13 +245,17 @@ def timed(run: Callable[[], int], device: str) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def validation_loss(model: torch.nn.Module, block: int, batches: int = 8) -> float | None:
-    """Mean next-token loss on the first windows of the TinyStories validation excerpt."""
+def validation_loss(
+    model: torch.nn.Module, vocab_size: int, block: int, batches: int = 8
+) -> float | None:
+    """Mean next-token loss on the first windows of the TinyStories validation excerpt, in the
+    model's vocabulary."""
     if not VALID_FILE.exists():
         return None
     from model.tokenizer import get_tokenizer
 
-    ids = get_tokenizer().encode(VALID_FILE.read_text(encoding="utf-8")[:400_000])
+    tokenizer = get_tokenizer(vocab_size)
+    ids = tokenizer.encode(VALID_FILE.read_text(encoding="utf-8")[:400_000])
     data = torch.tensor(ids[: batches * 4 * (block + 1)]).view(batches, 4, block + 1)
     losses = []
     with torch.inference_mode():
@@ -424,8 +428,9 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         )
         figures["llama_cpp_leading_matches"] = agreement
     if int8_model is not None:
-        fp32_loss = validation_loss(model, min(256, model.config.block_size))
-        int8_loss = validation_loss(int8_model, min(256, model.config.block_size))
+        vocab_size, block = model.config.vocab_size, min(256, model.config.block_size)
+        fp32_loss = validation_loss(model, vocab_size, block)
+        int8_loss = validation_loss(int8_model, vocab_size, block)
         if fp32_loss is not None and int8_loss is not None:
             print(
                 f"validation loss: fp32 {fp32_loss:.4f}, int8 {int8_loss:.4f} "

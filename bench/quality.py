@@ -10,19 +10,22 @@ machine, in one run, every model judged the same way.
    steps. Its wall time, the loop alone, is the budget T.
 2. **Ours, as a user runs it**: ``slm train --max-minutes T`` with the default preset and
    defaults.
-3. **Our GPT-2-style network**: the default preset's shape with GPT-2's options (learned
-   positions, LayerNorm, GELU, biases) and AdamW on nanoGPT's learning rates, also
-   ``slm train --max-minutes T``.
+3. **Our GPT-2-style network** (``--gpt2-style``): the default preset's shape with GPT-2's
+   options (learned positions, LayerNorm, GELU, biases) and AdamW on nanoGPT's learning rates.
+4. **Each ``--vocabulary V``**: the defaults with that vocabulary; each ``--run NAME=OPTIONS``:
+   the defaults with those ``slm train`` options (a shape to try, say).
 
-Both of ours evaluate every 50 steps (10 batches per split) so their curves can be compared per
-token; nanoGPT evaluates nothing, so the evaluations are time ours loses. Every model is then
-judged by its Hugging Face export (``slm export-hf``; nanoGPT's weights converted to our GPT
-first, as its names are GPT-2's too): the mean cross-entropy over every non-overlapping
-128-token window of the shared valid file (stories joined by ``<|endoftext|>``, each window
-predicting its next 128 tokens, fp32), and bits per byte. Equal tokens: from the trainer's
-val curves, the tokens our recipe needs to reach the GPT-2-style run's final val loss, as a
-share of what that run saw. Five stories at seeds 0..4 from ours and from the GPT-2-style run
-close the report. Not a test.
+Ours evaluate every 50 steps (10 batches per split) so their curves can be compared per token;
+nanoGPT evaluates nothing, so the evaluations are time ours lose. Every model is then judged by
+its Hugging Face export (``slm export-hf``; nanoGPT's weights converted to our GPT first, as its
+names are GPT-2's too) with the export's own tokenizer (``AutoTokenizer``): the shared valid
+file's stories, each encoded and followed by ``<|endoftext|>``, scored over every
+non-overlapping 128-token window (each window predicting its next 128 tokens, fp32). Bits per
+byte divide those nats by the text's own bytes (the separator counting one), so models of
+different vocabularies compare; val loss compares only within one. Equal tokens (with
+``--gpt2-style``): from the trainer's val curves, the tokens our recipe needs to reach the
+GPT-2-style run's final val loss, as a share of what that run saw. Five stories at seeds 0..4
+from each of ours close the report. Not a test.
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ from train import NANOGPT_VOCAB, SHARED_DATA, load_nanogpt  # bench/train.py
 
 from model import GPT, GPTConfig
 from model.checkpoint import load_checkpoint
-from model.evaluate import token_byte_lengths
 from model.export.hf import export_hf
 from model.generate import complete
 from model.sampling import SamplingParams
+from model.tokenizer import END_OF_TEXT
 from worker.data import load_split, prepare
 
 WINDOW = 128
@@ -62,6 +65,7 @@ GPT2_STYLE = (
 ).split()
 OUR_LOGGING = ["--eval-interval", "50", "--eval-iters", "10", "--checkpoint-interval", "0"]
 PROMPT = "Once upon a time"
+JUDGE_BATCH = 8  # windows per forward: 8 × 128 × 50,257 fp32 logits are 206 MB
 
 
 def nanogpt_recipe(nanogpt_path: Path, data_dir: Path) -> tuple[GPT, float]:
@@ -121,29 +125,43 @@ def slm_train(data_dir: Path, run_dir: Path, minutes: float, options: list[str])
     return model
 
 
-def judged(model: GPT, export_dir: Path, val_tokens: np.ndarray) -> dict[str, float]:
-    """The Hugging Face export's mean cross-entropy over every non-overlapping window of the
-    valid split, and bits per byte."""
-    from transformers import AutoModelForCausalLM
+def valid_stories(path: Path) -> list[str]:
+    """The stories of a TinyStories text file, each stripped, in order."""
+    return [story.strip() for story in path.read_text().split(END_OF_TEXT) if story.strip()]
+
+
+def judged(model: GPT, export_dir: Path, stories: list[str]) -> dict[str, float]:
+    """The Hugging Face export, with its own tokenizer, over every non-overlapping window of
+    the stories: mean cross-entropy per token, and bits per byte of the text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     export_hf(model, export_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
-    stream = torch.from_numpy(val_tokens.astype(np.int64))
-    byte_lengths = token_byte_lengths()
-    nats = n_bytes = count = 0.0
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    ids: list[int] = []
+    for story in stories:
+        ids += tokenizer(story, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    stream = torch.tensor(ids)
+    # Every token but the first is predicted: the text's bytes, less the first token's.
+    first = len(tokenizer.decode(ids[:1]).encode())
+    n_bytes = sum(len(story.encode()) + 1 for story in stories) - first
+    nats = 0.0
+    starts = range(0, len(stream) - 1, WINDOW)
+    full = [start for start in starts if start + WINDOW < len(stream)]
+    batches = [full[i : i + JUDGE_BATCH] for i in range(0, len(full), JUDGE_BATCH)]
+    batches += [[start] for start in starts[len(full) :]]  # the short last one, alone
     with torch.inference_mode():
-        starts = range(0, len(stream) - 1, WINDOW)
-        for first in range(0, len(starts), 32):
-            windows = [stream[s : s + WINDOW + 1] for s in starts[first : first + 32]]
-            for window in windows:  # the short last one alone
-                inputs, targets = window[None, :-1], window[None, 1:]
-                logits = hf_model(inputs).logits.float()
-                nats += torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), reduction="sum"
-                ).item()
-                n_bytes += byte_lengths[targets].sum().item()
-                count += targets.numel()
-    return {"val_loss": nats / count, "bits_per_byte": nats / (math.log(2) * n_bytes)}
+        for batch in batches:
+            windows = torch.stack([stream[start : start + WINDOW + 1] for start in batch])
+            logits = hf_model(windows[:, :-1]).logits.float()
+            nats += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"
+            ).item()
+    return {
+        "val_loss": nats / (len(stream) - 1),
+        "bits_per_byte": nats / (math.log(2) * n_bytes),
+        "bytes_per_token": n_bytes / (len(stream) - 1),
+    }
 
 
 def tokens_to_reach(history: list[dict], loss: float) -> float | None:
@@ -168,14 +186,42 @@ def stories(model: GPT, seeds: range) -> list[str]:
     ]
 
 
+def named_run(text: str) -> tuple[str, list[str]]:
+    name, separator, options = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=OPTIONS")
+    return name.strip(), options.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="nanoGPT's model.py")
     parser.add_argument("--data", type=Path, help="a prepared data folder")
+    parser.add_argument(
+        "--valid", type=Path, default=SHARED_DATA / "tinystories-valid.txt", help="stories to judge"
+    )
+    parser.add_argument("--gpt2-style", action="store_true", help="also our GPT-2-style network")
+    parser.add_argument(
+        "--vocabulary", action="append", default=[], help="also the defaults with this vocabulary"
+    )
+    parser.add_argument(
+        "--run",
+        action="append",
+        type=named_run,
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="also the defaults with these `slm train` options",
+    )
     parser.add_argument("--keep", type=Path, help="keep the runs and exports in this folder")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    options = {"ours": []}
+    if args.gpt2_style:
+        options["ours, GPT-2-style"] = GPT2_STYLE
+    options |= {f"ours, {name}": ["--vocabulary", name] for name in args.vocabulary}
+    options |= {f"ours, {name}": run_options for name, run_options in args.run}
+    stories_to_judge = valid_stories(args.valid)
 
     with tempfile.TemporaryDirectory() as scratch:
         work = args.keep or Path(scratch)
@@ -183,31 +229,36 @@ def main() -> None:
         if data_dir is None:
             data_dir = work / "data"
             prepare(SHARED_DATA, data_dir, quiet=True)
-        val_tokens = load_split(data_dir, "val")
 
         nanogpt_model, budget = nanogpt_recipe(args.nanogpt, data_dir)
         minutes = budget / 60
         print(f"nanoGPT's recipe: {budget:.0f} s; ours get the same", flush=True)
+        folders = {name: f"run-{index}" for index, name in enumerate(options)}
         runs = {
-            "ours": slm_train(data_dir, work / "ours", minutes, []),
-            "ours, GPT-2-style": slm_train(data_dir, work / "gpt2", minutes, GPT2_STYLE),
+            name: slm_train(data_dir, work / folders[name], minutes, run_options)
+            for name, run_options in options.items()
         }
         histories = {
             name: json.loads((work / folder / "history.json").read_text())["evals"]
-            for name, folder in (("ours", "ours"), ("ours, GPT-2-style", "gpt2"))
+            for name, folder in folders.items()
         }
-        results = {"nanoGPT recipe": judged(nanogpt_model, work / "export-nanogpt", val_tokens)}
+        nanogpt_result = judged(nanogpt_model, work / "export-nanogpt", stories_to_judge)
+        results = {"nanoGPT recipe": nanogpt_result | {"vocabulary": "gpt2"}}
         results["nanoGPT recipe"] |= {"tokens": RECIPE["steps"] * RECIPE["batch_size"] * 128}
-        for (name, model), folder in zip(runs.items(), ("ours", "gpt2"), strict=True):
-            results[name] = judged(model, work / f"export-{folder}", val_tokens)
+        results["nanoGPT recipe"] |= {"steps": RECIPE["steps"]}
+        for name, model in runs.items():
+            results[name] = judged(model, work / f"export-{folders[name]}", stories_to_judge)
             last = histories[name][-1]
             results[name] |= {"tokens": last["tokens_seen"], "steps": last["step"]}
+            results[name] |= {"vocabulary": model.config.vocabulary}
             results[name]["parameters"] = model.num_parameters()
             results[name]["config"] = model.config.to_dict()
 
-        gpt2_final = histories["ours, GPT-2-style"][-1]
-        reached = tokens_to_reach(histories["ours"], gpt2_final["val_loss"])
-        token_ratio = None if reached is None else reached / gpt2_final["tokens_seen"]
+        reached = token_ratio = gpt2_final = None
+        if args.gpt2_style:
+            gpt2_final = histories["ours, GPT-2-style"][-1]
+            reached = tokens_to_reach(histories["ours"], gpt2_final["val_loss"])
+            token_ratio = None if reached is None else reached / gpt2_final["tokens_seen"]
         samples = {name: stories(model, range(5)) for name, model in runs.items()}
 
     machine = {
@@ -217,23 +268,31 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print(f"\nequal wall time: {budget:.0f} s each, {machine}")
-    print(f"{'recipe':<20} {'tokens':>10} {'val loss':>9} {'bits/byte':>10} {'vs nanoGPT':>11}")
-    reference = results["nanoGPT recipe"]["val_loss"]
+    print(
+        f"{'recipe':<24} {'vocabulary':>10} {'params':>7} {'steps':>6} {'tokens':>10} "
+        f"{'bytes/tok':>9} {'val loss':>9} {'bits/byte':>10} {'vs nanoGPT':>11}"
+    )
+    reference = results["nanoGPT recipe"]["bits_per_byte"]
     for name, result in results.items():
+        parameters = result.get("parameters")
+        shown = f"{parameters / 1e6:.2f}M" if parameters else "—"
         print(
-            f"{name:<20} {result['tokens']:>10,} {result['val_loss']:>9.3f} "
-            f"{result['bits_per_byte']:>10.3f} {result['val_loss'] - reference:>+11.3f}"
+            f"{name:<24} {result['vocabulary']:>10} {shown:>7} {result['steps']:>6} "
+            f"{result['tokens']:>10,} {result['bytes_per_token']:>9.2f} "
+            f"{result['val_loss']:>9.3f} {result['bits_per_byte']:>10.3f} "
+            f"{result['bits_per_byte'] - reference:>+11.3f}"
         )
-    gap = results["ours, GPT-2-style"]["val_loss"] - results["ours"]["val_loss"]
-    print(f"ours vs our GPT-2-style network: {-gap:+.3f}")
-    if token_ratio is None:
-        print("equal tokens: ours never reached the GPT-2-style run's final val loss")
-    else:
-        print(
-            f"equal tokens: ours reaches the GPT-2-style run's final val loss "
-            f"({gpt2_final['val_loss']:.3f}) after {reached:,.0f} tokens, "
-            f"{token_ratio:.2f}× its {gpt2_final['tokens_seen']:,}"
-        )
+    if gpt2_final is not None:
+        gap = results["ours, GPT-2-style"]["val_loss"] - results["ours"]["val_loss"]
+        print(f"ours vs our GPT-2-style network: {-gap:+.3f} val loss")
+        if token_ratio is None:
+            print("equal tokens: ours never reached the GPT-2-style run's final val loss")
+        else:
+            print(
+                f"equal tokens: ours reaches the GPT-2-style run's final val loss "
+                f"({gpt2_final['val_loss']:.3f}) after {reached:,.0f} tokens, "
+                f"{token_ratio:.2f}× its {gpt2_final['tokens_seen']:,}"
+            )
     for name, texts in samples.items():
         print(f"\n{name}:")
         for seed, text in enumerate(texts):
@@ -242,6 +301,7 @@ def main() -> None:
         document = {
             "machine": machine,
             "budget_s": budget,
+            "options": options,
             "results": results,
             "token_ratio": token_ratio,
             "histories": histories,

@@ -1,7 +1,7 @@
 """Scoring throughput: prompt tokens scored per second through `slm serve`'s ``/v1/completions``
 (``echo``, ``max_tokens: 0``, ``logprobs: 1``: what lm-eval's loglikelihood asks, without the
-one generated token) against Hugging Face's ``GPT2LMHeadModel`` forward on the same texts and the
-same weights, in one run.
+one generated token) against the Hugging Face export's forward (``AutoModelForCausalLM``) on the
+same texts and the same weights, in one run.
 
     python bench/score.py                       # the seed preset at block 512, random weights
     python bench/score.py --quick               # a first look in about a minute
@@ -63,11 +63,11 @@ TOLERANCE = 1e-3  # the largest |served − Hugging Face| log-probability the ch
 STORY_SEPARATOR = "<|endoftext|>"
 
 
-def load_texts(path: Path, count: int, block: int) -> list[list[int]]:
-    """The first ``count`` windows of at most ``block`` tokens over the stories in ``path``:
-    each story is ``<|endoftext|>`` then its tokens, cut into consecutive windows; windows of a
-    single token (nothing to score) are skipped."""
-    tokenizer = get_tokenizer()
+def load_texts(path: Path, count: int, block: int, vocab_size: int) -> list[list[int]]:
+    """The first ``count`` windows of at most ``block`` tokens over the stories in ``path``, in
+    the model's vocabulary: each story is ``<|endoftext|>`` then its tokens, cut into
+    consecutive windows; windows of a single token (nothing to score) are skipped."""
+    tokenizer = get_tokenizer(vocab_size)
     texts: list[list[int]] = []
     for story in path.read_text(encoding="utf-8").split(STORY_SEPARATOR):
         if not story.strip():
@@ -227,21 +227,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    texts = load_texts(VALID_FILE, args.texts, args.block_size)
-
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         checkpoints = root / "checkpoints"
         init_run(checkpoints / RUN, args.preset, args.block_size)
         model, _ = load_checkpoint(newest_checkpoint(checkpoints))
+        texts = load_texts(VALID_FILE, args.texts, args.block_size, model.config.vocab_size)
         export_hf(model, root / "hf")
-        hf_model = GPT2LMHeadModel.from_pretrained(root / "hf", dtype=torch.float32).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+        hf_class = type(hf_model).__name__
         contenders: dict[str, Contender] = {
-            f"HF GPT2LMHeadModel, batch {args.batch}": lambda some: score_hf(
-                hf_model, some, args.batch
-            )
+            f"HF {hf_class}, batch {args.batch}": lambda some: score_hf(hf_model, some, args.batch)
         }
         processes = []
         try:

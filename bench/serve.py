@@ -5,6 +5,7 @@ llama-server serving our own GGUF export (f32) of the same checkpoint, greedy an
     python bench/serve.py                       # the seed preset at block 512, random weights
     LLAMA_SERVER=/tmp/llama.cpp/bin/llama-server python bench/serve.py --json out.json
     python bench/serve.py --clients 1 16 --repeats 1 --new-tokens 64   # a quick look
+    python bench/serve.py --preset small --block-size 128 --vocabulary gpt2 --vocabulary gpt2-8k
 
 Both servers get the same client and the same request bodies: ``--requests`` streams per client,
 one after another, 128 new tokens after a short prompt, a distinct seed per request; sampled is
@@ -16,8 +17,10 @@ a burst of 64 arrivals at once (TTFT p50 and p99), and 16 running streams while 
 nearly the whole context arrives (inter-token gap p99 of the running streams). llama-server runs
 with one slot per stream of our batch (``-np``), the block size per slot and torch's thread
 count; without it (no LLAMA_SERVER and none on PATH) only our figures print. Random weights
-almost never write end-of-text, so streams run their full length. Not a test: speed is measured
-here, never asserted in the test suite.
+almost never write end-of-text, so streams run their full length. With several ``--vocabulary``
+ours is served once per vocabulary, interleaved too, and a last table gives each one's tokens/s
+and text bytes/s (tokens/s × its bytes per token over the shared valid stories). Not a test:
+speed is measured here, never asserted in the test suite.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ from pathlib import Path
 
 import httpx
 import torch
-from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P  # bench/decode.py: the same sampled chain
+from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P, VALID_FILE  # bench/decode.py: the same chain
 from prometheus_client.parser import text_string_to_metric_families
 
 from contract.broker import free_port
 from model import preset
 from model.cache import KVCache
+from model.config import vocabulary_size
 from model.decode_step import step_count
+from model.tokenizer import get_tokenizer
 
 PROMPT = "Once upon a time, there was a little girl who loved to"
 # Nearly a whole 512-token context: the prompt that arrives while streams are running.
@@ -186,14 +191,13 @@ async def long_prompt_arrives(base_url: str, running: int, new_tokens: int) -> d
     return result
 
 
-def init_run(run_dir: Path, preset: str, block_size: int) -> None:
-    """An untrained checkpoint of ``preset`` at ``block_size``, as a user's `slm init` writes it:
-    speed does not depend on what the weights learned."""
-    subprocess.run(
-        ["slm", "init", "--preset", preset, "--block-size", str(block_size), "--out", str(run_dir)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+def init_run(run_dir: Path, preset: str, block_size: int, vocabulary: str | None = None) -> None:
+    """An untrained checkpoint of ``preset`` at ``block_size`` (in ``vocabulary``, else the
+    preset's), as a user's `slm init` writes it: speed does not depend on what the weights
+    learned."""
+    command = ["slm", "init", "--preset", preset, "--block-size", str(block_size)]
+    command += ["--out", str(run_dir)] + (["--vocabulary", vocabulary] if vocabulary else [])
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -327,6 +331,12 @@ def median_of(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="seed")
+    parser.add_argument(
+        "--vocabulary",
+        action="append",
+        default=[],
+        help="serve the preset with this vocabulary (repeat to compare; default: the preset's)",
+    )
     parser.add_argument("--block-size", type=int, default=512, help="room for prompt + tokens")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -349,31 +359,40 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
+    vocabularies = args.vocabulary or [preset(args.preset).vocabulary]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        checkpoints = root / "checkpoints"
-        init_run(checkpoints / RUN, args.preset, args.block_size)
-        config = preset(args.preset, block_size=args.block_size)
-        row_bytes = KVCache.row_bytes(config, torch.float32)
         servers: dict[str, str] = {}
         processes = []
         try:
-            port = free_port()
-            processes.append(
-                start_service(
-                    checkpoints,
-                    port,
-                    root / "serve.log",
-                    step_count(args.max_batch, args.block_size) if args.compile_decode else 0,
-                    MAX_BATCH_SIZE=str(args.max_batch),
-                    MAX_WAITING="1024",
-                    DECODE_THREADS=str(threads),
-                    COMPILE_DECODE=str(args.compile_decode).lower(),
-                    # A row of the KV cache per stream, as llama-server has a slot per stream.
-                    KV_CACHE_BYTES=str(max(256 << 20, args.max_batch * row_bytes)),
+            # Ours once per vocabulary, each its own server; the first is "ours" (and the
+            # GGUF llama-server serves), the others "ours, <vocabulary>".
+            for index, vocabulary in enumerate(vocabularies):
+                checkpoints = root / f"checkpoints-{index}"
+                init_run(checkpoints / RUN, args.preset, args.block_size, vocabulary)
+                config = preset(
+                    args.preset, block_size=args.block_size, vocab_size=vocabulary_size(vocabulary)
                 )
-            )
-            servers["ours"] = f"http://127.0.0.1:{port}"
+                row_bytes = KVCache.row_bytes(config, torch.float32)
+                port = free_port()
+                processes.append(
+                    start_service(
+                        checkpoints,
+                        port,
+                        root / f"serve-{index}.log",
+                        step_count(args.max_batch, args.block_size) if args.compile_decode else 0,
+                        MAX_BATCH_SIZE=str(args.max_batch),
+                        MAX_WAITING="1024",
+                        DECODE_THREADS=str(threads),
+                        COMPILE_DECODE=str(args.compile_decode).lower(),
+                        # A row of the KV cache per stream, as llama-server has a slot per stream.
+                        KV_CACHE_BYTES=str(max(256 << 20, args.max_batch * row_bytes)),
+                    )
+                )
+                servers["ours" if index == 0 else f"ours, {vocabulary}"] = (
+                    f"http://127.0.0.1:{port}"
+                )
+            checkpoints = root / "checkpoints-0"
             if args.llama_server:
                 gguf = export_gguf_of(checkpoints, root / "model-f32.gguf")
                 port = free_port()
@@ -394,6 +413,8 @@ def main() -> None:
             for process in processes:
                 stop(process)
     report(args, figures, threads)
+    if len(vocabularies) > 1:
+        report_vocabularies(args, figures, vocabularies)
     write_figures(args, figures)
 
 
@@ -476,6 +497,43 @@ def report(args: argparse.Namespace, figures: dict, threads: int) -> None:
             f"{figure(long['long_prompt_ttft_ms'])} ms"
             + (f" ({long['long_prompt_error']})" if long["long_prompt_error"] else "")
         )
+
+
+def report_vocabularies(args: argparse.Namespace, figures: dict, vocabularies: list[str]) -> None:
+    """Ours per vocabulary: tokens/s, and text bytes/s (tokens/s × the vocabulary's bytes per
+    token over the shared valid stories, what a story's text costs in its tokens)."""
+    text = VALID_FILE.read_text(encoding="utf-8")
+    per_token = {
+        name: len(text.encode()) / len(get_tokenizer(vocabulary_size(name)).encode(text))
+        for name in vocabularies
+    }
+    names = ["ours" if i == 0 else f"ours, {name}" for i, name in enumerate(vocabularies)]
+    print(
+        "\nOurs per vocabulary, bytes per token from the shared valid stories ("
+        + ", ".join(f"{name} {per_token[name]:.2f}" for name in vocabularies)
+        + f"); ratio: text bytes/s against {vocabularies[0]}'s"
+    )
+    print(
+        "| mode | streams | "
+        + " | ".join(f"{v} tok/s | {v} bytes/s" for v in vocabularies)
+        + " | "
+        + " | ".join(f"{v} ratio" for v in vocabularies[1:])
+        + " |"
+    )
+    print("|---|---:|" + "---:|" * (3 * len(vocabularies) - 1))
+    for mode in args.modes:
+        for clients in args.clients:
+            rates = [
+                figures["levels"][f"{name}|{mode}|{clients}"]["tokens_per_s"] for name in names
+            ]
+            text_rates = [rate * per_token[v] for rate, v in zip(rates, vocabularies, strict=True)]
+            cells = [
+                f"{rate:.1f} | {text_rate:,.0f}"
+                for rate, text_rate in zip(rates, text_rates, strict=True)
+            ]
+            ratios = [f"{text_rate / text_rates[0]:.2f}×" for text_rate in text_rates[1:]]
+            print(f"| {mode} | {clients} | " + " | ".join(cells + ratios) + " |")
+    figures["bytes_per_token"] = per_token
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ class LossPoint(BaseModel):
     step: int
     train_loss: float | None = None
     val_loss: float | None = None
+    val_bits_per_byte: float | None = None
 
 
 class JobSummary(TrainProgress):

@@ -31,7 +31,7 @@ import numpy as np
 import tiktoken
 
 from model.atomic import atomic_write_bytes
-from model.config import GPT2_VOCAB_SIZE, MIN_VOCAB_SIZE, vocabulary_name
+from model.config import GPT2_VOCAB_SIZE, VOCAB_SIZES, is_vocab_size, vocabulary_name
 
 ENCODING_NAME = "r50k_base"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -116,11 +116,8 @@ class Tokenizer:
     id: 50256 for all of GPT-2) separates stories."""
 
     def __init__(self, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
-        if not MIN_VOCAB_SIZE <= vocab_size <= GPT2_VOCAB_SIZE:
-            raise ValueError(
-                f"a GPT-2 vocabulary has {MIN_VOCAB_SIZE} to {GPT2_VOCAB_SIZE} tokens, "
-                f"not {vocab_size}"
-            )
+        if not is_vocab_size(vocab_size):
+            raise ValueError(f"a GPT-2 vocabulary has {VOCAB_SIZES}, not {vocab_size}")
         gpt2 = _gpt2_encoding()
         if vocab_size == GPT2_VOCAB_SIZE:
             self._encoding = gpt2

@@ -26,11 +26,22 @@ from service.routes import (
     health,
     openai,
     playground,
+    runs,
     tokenizer,
     train_jobs,
 )
 
-ROUTE_GROUPS = (generate, openai, tokenizer, health, admin, train_jobs, datasets, playground)
+ROUTE_GROUPS = (
+    generate,
+    openai,
+    tokenizer,
+    runs,
+    health,
+    admin,
+    train_jobs,
+    datasets,
+    playground,
+)
 
 
 @asynccontextmanager

@@ -556,8 +556,9 @@ def check_the_data_field(page, client: httpx.Client) -> None:
 
 
 def check_the_loss_chart(page) -> None:
-    """The loss axis is labelled at round values between its ends, and a series of one point
-    (the first evaluation) shows as a dot."""
+    """The loss axis is labelled at round values between its ends, the right-hand axis gives
+    them in val bits per byte, and a series of one point (the first evaluation) shows as a
+    dot."""
     drawn = page.evaluate(
         """() => {
             const canvas = document.createElement("canvas");
@@ -572,7 +573,7 @@ def check_the_loss_chart(page) -> None:
             };
             drawLosses(canvas, [
                 {step: 0, train_loss: 10.8},
-                {step: 10, train_loss: 9.1, val_loss: 9.4},
+                {step: 10, train_loss: 9.1, val_loss: 9.4, val_bits_per_byte: 3.29},
                 {step: 20, train_loss: 8.2},
             ]);
             const val = getComputedStyle(document.documentElement).getPropertyValue("--val");
@@ -592,6 +593,9 @@ def check_the_loss_chart(page) -> None:
         float(text) for text, x in drawn["labels"] if x < 48 and re.fullmatch(r"[\d.]+", text)
     }
     assert len(losses) >= 4, drawn["labels"]
+    # Bits per byte are the numbers right of the plot (which ends 44 px from the edge).
+    bits = [float(text) for text, x in drawn["labels"] if x > 640 - 44 and text[0].isdigit()]
+    assert bits == pytest.approx([loss * 3.29 / 9.4 for loss in sorted(losses)], abs=0.006)
     assert drawn["valInk"] >= 20, drawn
 
 

@@ -127,7 +127,8 @@ def test_a_tokenize_without_a_prompt_gets_422(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [("POST", "/tokenize", {"prompt": "Hi"}), ("POST", "/detokenize", {"tokens": [1]}),
-     ("GET", "/tokenizer_info", None)],
+     ("GET", "/tokenizer_info", None), ("POST", "/runs/cut/tokenize", {"prompt": "Hi"}),
+     ("POST", "/runs/cut/v1/completions", {"prompt": "Hi"})],
 )  # fmt: skip
 def test_the_api_key_is_needed_when_one_is_set(
     server: ApiServer, method: str, path: str, body: dict | None
@@ -145,3 +146,31 @@ def test_lm_evals_remote_tokenizer_reads_these_endpoints(
     assert remote.eos_token_id == remote.bos_token_id == tokenizer.eot_id
     assert remote.encode(TEXTS[2]) == tokenizer.encode(TEXTS[2])
     assert remote.batch_decode([tokenizer.encode(text) for text in TEXTS]) == TEXTS
+
+
+def test_a_runs_own_base_url_gives_lm_eval_that_runs_tokenizer_and_completions(
+    server: ApiServer, client: httpx.Client
+) -> None:
+    cut = get_tokenizer(CUT)
+    completions = server.base_url + "/runs/cut/v1/completions"  # not the default run
+    remote = RemoteTokenizer(completions, auth_token=KEY)
+    assert remote.eos_token_id == cut.eot_id == CUT - 1
+    assert remote.encode(TEXTS[0]) == cut.encode(TEXTS[0])
+    assert remote.encode(TEXTS[0]) != get_tokenizer().encode(TEXTS[0])
+    assert remote.decode(cut.encode(TEXTS[2])) == TEXTS[2]
+    scored = client.post(
+        "/runs/cut/v1/completions",
+        json={"prompt": [cut.encode(TEXTS[0])], "echo": True, "max_tokens": 0, "logprobs": 1},
+    )
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["model"].startswith("cut/")
+    assert "".join(scored.json()["choices"][0]["logprobs"]["tokens"]) == TEXTS[0]
+
+
+def test_a_runs_base_url_refuses_a_body_that_names_another_run(client: httpx.Client) -> None:
+    answer = client.post("/runs/cut/tokenize", json={"prompt": "Hi", "model": "full"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"] == "model"
+    assert "'cut'" in answer.json()["error"]["message"]
+    unknown = client.get("/runs/nobody/tokenizer_info")
+    assert unknown.status_code == 404, unknown.text

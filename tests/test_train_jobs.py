@@ -114,6 +114,8 @@ def test_a_job_trains_reports_progress_and_announces_its_checkpoints(client, wor
     assert job["step"] == job["max_steps"] == 30
     assert history_steps(job) == list(range(1, 31))
     assert [p["step"] for p in job["history"] if p["val_loss"] is not None] == [10, 20, 30]
+    # Each evaluation also in bits per byte, what the chart's right-hand axis shows.
+    assert [p["step"] for p in job["history"] if p["val_bits_per_byte"]] == [10, 20, 30]
     assert job["val_loss"] is not None and job["tokens_per_s"] > 0
     assert job["last_checkpoint"] == "happy-run/step-00000030"
 

@@ -39,7 +39,9 @@ def read_history(run_dir: Path, up_to_step: int) -> list[Evaluation]:
 
 
 def loss_plot(history: Sequence[Evaluation]) -> bytes:
-    """A PNG of train and validation loss against step."""
+    """A PNG of train and validation loss against step, with val loss also in bits per byte
+    on the right (the val windows are the same at every evaluation, so the two scales differ by
+    one factor; bits per byte compare across vocabularies, nats per token do not)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to memory
@@ -53,6 +55,13 @@ def loss_plot(history: Sequence[Evaluation]) -> bytes:
     axes.set_ylabel("loss (nats/token)")
     axes.grid(alpha=0.3)
     axes.legend()
+    last = history[-1] if history else {}
+    if last.get("val_bits_per_byte") and last.get("val_loss"):
+        per_nat = last["val_bits_per_byte"] / last["val_loss"]
+        right = axes.secondary_yaxis(
+            "right", functions=(lambda nats: nats * per_nat, lambda bits: bits / per_nat)
+        )
+        right.set_ylabel("val bits per byte")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)

@@ -131,6 +131,7 @@ class ProgressReport(TrainCallback):
                 step=progress.step,
                 train_loss=progress.train_loss,
                 val_loss=progress.val_loss if evaluated else None,
+                val_bits_per_byte=progress.val_bits_per_byte if evaluated else None,
             )
         )
         if evaluated or time.monotonic() - self._written_at >= META_WRITE_INTERVAL_S:

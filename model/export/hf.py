@@ -55,8 +55,9 @@ EXPORT_FILES = (
 
 
 def export_hf(model: GPT, out_dir: Path) -> None:
-    """Write ``model`` and GPT-2's tokenizer to ``out_dir`` as a ``GPT2LMHeadModel``,
-    ``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` folder, whichever computes what it does.
+    """Write ``model`` and its tokenizer (GPT-2's, or GPT-2's first merges) to ``out_dir`` as a
+    ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` folder, whichever computes
+    what it does.
 
     The folder appears complete or not at all: everything is written to a hidden sibling and
     renamed into place. An existing ``out_dir`` is replaced only if it is empty or holds nothing

@@ -656,11 +656,15 @@ function tickStep(span, count) {
 }
 
 // Train and val loss against step, on one scale, with the axes labelled at round values; a
-// series with a single point (the first evaluation) shows as a dot.
+// series with a single point (the first evaluation) shows as a dot. The right-hand labels give
+// val loss in bits per byte (one factor for the whole run: the val windows never change), the
+// figure that compares across vocabularies.
 function drawLosses(canvas, history) {
   const context = canvas.getContext("2d");
   const { width, height } = canvas;
-  const pad = { left: 48, right: 12, top: 12, bottom: 28 };
+  const lastVal = history.findLast((p) => p.val_loss && p.val_bits_per_byte != null);
+  const bitsPerNat = lastVal ? lastVal.val_bits_per_byte / lastVal.val_loss : null;
+  const pad = { left: 48, right: bitsPerNat ? 44 : 12, top: 12, bottom: 28 };
   context.clearRect(0, 0, width, height);
   const points = history.flatMap((p) => [p.train_loss, p.val_loss]).filter((v) => v != null);
   if (!points.length) return;
@@ -694,6 +698,11 @@ function drawLosses(canvas, history) {
     context.stroke();
     context.fillStyle = color("--muted");
     context.fillText(loss.toFixed(decimals), pad.left - 6, y(loss));
+    if (bitsPerNat) {
+      context.textAlign = "left";
+      context.fillText((loss * bitsPerNat).toFixed(2), width - pad.right + 6, y(loss));
+      context.textAlign = "right";
+    }
   }
   // Step labels along the bottom.
   const stepTick = Math.max(1, tickStep(maxStep, 5));
@@ -705,6 +714,7 @@ function drawLosses(canvas, history) {
   context.textAlign = "right";
   context.textBaseline = "alphabetic";
   context.fillText("step", width - pad.right, height - pad.bottom - 4);
+  if (bitsPerNat) context.fillText("val bits/byte →", width - pad.right, pad.top + 10);
   context.strokeStyle = color("--muted");
   context.beginPath();
   context.moveTo(pad.left, pad.top);
