@@ -183,7 +183,7 @@ PRESETS: dict[str, GPTConfig] = {
     # positions, RMSNorm, SwiGLU, no biases) and GPT-2's first 8,191 merges: 1.9M parameters,
     # 1.05M of them the embedding. On a CPU the output layer is most of a step, so a narrow
     # model with a small head sees the most text per minute (with all of GPT-2's vocabulary it
-    # is 7.3M and trains 2.7x fewer tokens in the same time); it exports to Llama's formats.
+    # is 7.3M and trains 3.7x fewer tokens in the same time); it exports to Llama's formats.
     # BENCHMARKS.md has the equal-time runs that chose it.
     "small": GPTConfig(
         vocab_size=VOCABULARIES["gpt2-8k"],
