@@ -216,11 +216,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    options = {"ours": []}
-    if args.gpt2_style:
-        options["ours, GPT-2-style"] = GPT2_STYLE
-    options |= {f"ours, {name}": ["--vocabulary", name] for name in args.vocabulary}
-    options |= {f"ours, {name}": run_options for name, run_options in args.run}
+    runs = [("ours", [])] + ([("ours, GPT-2-style", GPT2_STYLE)] if args.gpt2_style else [])
+    runs += [(f"ours, {name}", ["--vocabulary", name]) for name in args.vocabulary]
+    runs += [(f"ours, {name}", run_options) for name, run_options in args.run]
+    options = dict(runs)
+    if len(options) < len(runs):
+        parser.error("two runs have the same name: give each --vocabulary and --run its own")
     stories_to_judge = valid_stories(args.valid)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -44,6 +44,7 @@ import httpx
 import torch
 from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P, VALID_FILE  # bench/decode.py: the same chain
 from prometheus_client.parser import text_string_to_metric_families
+from quality import valid_stories  # bench/quality.py: the stories as it judges them
 
 from contract.broker import free_port
 from model import preset
@@ -501,12 +502,14 @@ def report(args: argparse.Namespace, figures: dict, threads: int) -> None:
 
 def report_vocabularies(args: argparse.Namespace, figures: dict, vocabularies: list[str]) -> None:
     """Ours per vocabulary: tokens/s, and text bytes/s (tokens/s × the vocabulary's bytes per
-    token over the shared valid stories, what a story's text costs in its tokens)."""
-    text = VALID_FILE.read_text(encoding="utf-8")
-    per_token = {
-        name: len(text.encode()) / len(get_tokenizer(vocabulary_size(name)).encode(text))
-        for name in vocabularies
-    }
+    token over the shared valid stories, each followed by <|endoftext|>, counted as
+    bench/quality.py counts them)."""
+    stories = valid_stories(VALID_FILE)
+    n_bytes = sum(len(story.encode()) + 1 for story in stories)
+    per_token = {}
+    for name in vocabularies:
+        tokenizer = get_tokenizer(vocabulary_size(name))
+        per_token[name] = n_bytes / sum(len(tokenizer.encode(story)) + 1 for story in stories)
     names = ["ours" if i == 0 else f"ours, {name}" for i, name in enumerate(vocabularies)]
     print(
         "\nOurs per vocabulary, bytes per token from the shared valid stories ("
@@ -531,7 +534,7 @@ def report_vocabularies(args: argparse.Namespace, figures: dict, vocabularies: l
                 f"{rate:.1f} | {text_rate:,.0f}"
                 for rate, text_rate in zip(rates, text_rates, strict=True)
             ]
-            ratios = [f"{text_rate / text_rates[0]:.2f}×" for text_rate in text_rates[1:]]
+            ratios = [ratio(text_rate, text_rates[0]) for text_rate in text_rates[1:]]
             print(f"| {mode} | {clients} | " + " | ".join(cells + ratios) + " |")
     figures["bytes_per_token"] = per_token
 

@@ -24,13 +24,13 @@ VOCABULARIES: dict[str, int] = {
     "gpt2-4k": 4096,
 }
 MIN_VOCAB_SIZE = 257  # every byte, and <|endoftext|>
-VOCAB_SIZES = (
+VOCAB_SIZE_RANGE = (
     f"{MIN_VOCAB_SIZE} to {GPT2_VOCAB_SIZE} tokens (every byte and <|endoftext|> to all of GPT-2's)"
 )
 
 
 def is_vocab_size(size: int) -> bool:
-    """Whether GPT-2's first merges make a vocabulary of ``size`` tokens (VOCAB_SIZES)."""
+    """Whether GPT-2's first merges make a vocabulary of ``size`` tokens (VOCAB_SIZE_RANGE)."""
     return MIN_VOCAB_SIZE <= size <= GPT2_VOCAB_SIZE
 
 
@@ -72,7 +72,9 @@ class GPTConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if not is_vocab_size(self.vocab_size):
-            raise ValueError(f"GPTConfig.vocab_size must be {VOCAB_SIZES}, got {self.vocab_size}")
+            raise ValueError(
+                f"GPTConfig.vocab_size must be {VOCAB_SIZE_RANGE}, got {self.vocab_size}"
+            )
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -161,7 +163,7 @@ def vocabulary_size(name: str) -> int:
         return int(digits)
     raise ValueError(
         f"unknown vocabulary {name!r}: choose one of {', '.join(VOCABULARIES)}, or gpt2-<size> "
-        f"for {VOCAB_SIZES}"
+        f"for {VOCAB_SIZE_RANGE}"
     )
 
 
@@ -176,11 +178,11 @@ def vocabulary_name(vocab_size: int) -> str:
 ORIGINAL_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 PRESETS: dict[str, GPTConfig] = {
-    # Seconds on a CPU: for tests and smoke runs. The vocabulary stays GPT-2's so that the
-    # tokenizer, checkpoints and exports are exercised exactly as for the real sizes.
+    # Seconds on a CPU: for tests and smoke runs. The vocabulary is all of GPT-2's, the largest,
+    # so that the tokenizer, checkpoints and exports are exercised at full size.
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64),
     # The default: nanoGPT's quality-run shape (4 layers × 128) with Llama's network (rotary
-    # positions, RMSNorm, SwiGLU, no biases) and GPT-2's first 8,191 merges: 1.9M parameters,
+    # positions, RMSNorm, SwiGLU, no biases) and GPT-2's first 8,191 tokens: 1.9M parameters,
     # 1.05M of them the embedding. On a CPU the output layer is most of a step, so a narrow
     # model with a small head sees the most text per minute (with all of GPT-2's vocabulary it
     # is 7.3M and trains 3.7x fewer tokens in the same time); it exports to Llama's formats.

@@ -31,7 +31,7 @@ import numpy as np
 import tiktoken
 
 from model.atomic import atomic_write_bytes
-from model.config import GPT2_VOCAB_SIZE, VOCAB_SIZES, is_vocab_size, vocabulary_name
+from model.config import GPT2_VOCAB_SIZE, VOCAB_SIZE_RANGE, is_vocab_size, vocabulary_name
 
 ENCODING_NAME = "r50k_base"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -117,7 +117,7 @@ class Tokenizer:
 
     def __init__(self, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
         if not is_vocab_size(vocab_size):
-            raise ValueError(f"a GPT-2 vocabulary has {VOCAB_SIZES}, not {vocab_size}")
+            raise ValueError(f"a GPT-2 vocabulary has {VOCAB_SIZE_RANGE}, not {vocab_size}")
         gpt2 = _gpt2_encoding()
         if vocab_size == GPT2_VOCAB_SIZE:
             self._encoding = gpt2

@@ -14,7 +14,7 @@ from servers import ApiServer, api_server, write_checkpoint
 from model.tokenizer import Tokenizer, get_tokenizer
 
 KEY = "tokenizer-test-key"
-CUT = 1024  # GPT-2's first 1,022 merges and <|endoftext|>
+CUT = 1024  # GPT-2's 256 bytes, its first 767 merges and <|endoftext|>
 TEXTS = [
     "Once upon a time, there was a little dog named Max.",
     "  spaces, tabs\tand\nnew lines  ",
@@ -167,10 +167,26 @@ def test_a_runs_own_base_url_gives_lm_eval_that_runs_tokenizer_and_completions(
     assert "".join(scored.json()["choices"][0]["logprobs"]["tokens"]) == TEXTS[0]
 
 
-def test_a_runs_base_url_refuses_a_body_that_names_another_run(client: httpx.Client) -> None:
-    answer = client.post("/runs/cut/tokenize", json={"prompt": "Hi", "model": "full"})
+@pytest.mark.parametrize(
+    ("method", "path", "body", "params"),
+    [("POST", "/runs/cut/tokenize", {"prompt": "Hi", "model": "full"}, None),
+     ("POST", "/runs/cut/v1/completions", {"prompt": "Hi", "model": "full"}, None),
+     ("GET", "/runs/cut/tokenizer_info", None, {"model": "full"})],
+)  # fmt: skip
+def test_a_runs_base_url_refuses_a_request_that_names_another_run(
+    client: httpx.Client, method: str, path: str, body: dict | None, params: dict | None
+) -> None:
+    answer = client.request(method, path, json=body, params=params)
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"]["param"] == "model"
     assert "'cut'" in answer.json()["error"]["message"]
+
+
+def test_a_runs_base_url_takes_its_versions_and_not_an_unknown_run(client: httpx.Client) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    version = cards["cut"]["version"]  # cut/<checkpoint>
+    answer = client.post("/runs/cut/tokenize", json={"prompt": TEXTS[0], "model": version})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["tokens"] == get_tokenizer(CUT).encode(TEXTS[0])
     unknown = client.get("/runs/nobody/tokenizer_info")
     assert unknown.status_code == 404, unknown.text

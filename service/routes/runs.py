@@ -5,7 +5,8 @@ lm-eval's remote tokenizer calls ``/tokenize``, ``/detokenize`` and ``/tokenizer
 ``base_url`` and names no ``model``: at ``/v1/completions`` it would tokenize with the default
 run's vocabulary whatever run the completions name. With
 ``base_url=http://HOST:PORT/runs/RUN/v1/completions`` each of those, and the completions, are
-RUN's. A body that names another model is refused.
+RUN's. A request may name RUN or one of its versions (``RUN/step-...``) as ``model``; one that
+names another run is refused.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ RunName = Annotated[str, Path(description="the run this base URL serves")]
 Body = TypeVar("Body", bound=BaseModel)
 
 
+def _check_run(named: str | None, run: str) -> None:
+    """``named`` (a request's ``model``) may be absent, the run, or one of its versions."""
+    if named is not None and named.partition("/")[0] != run:
+        raise ApiError(
+            422, f"this URL serves the run {run!r}, and the request names {named!r}", param="model"
+        )
+
+
 def _for_run(body: Body, run: str) -> Body:
     named = getattr(body, "model", None)
-    if named not in (None, run):
-        raise ApiError(
-            422, f"this URL serves the run {run!r}, and the body names {named!r}", param="model"
-        )
-    return body.model_copy(update={"model": run})
+    _check_run(named, run)
+    return body if named else body.model_copy(update={"model": run})
 
 
 @router.post("/tokenize", dependencies=[Depends(require_json)], responses=BODY_ERRORS)
@@ -71,9 +77,8 @@ async def tokenizer_info(
     reloader: Reloaders,
     model: Annotated[str | None, Query(description="the run, if named: this URL's")] = None,
 ) -> TokenizerInfo:
-    if model not in (None, run):
-        raise ApiError(422, f"this URL serves the run {run!r}, and model names {model!r}")
-    return await tokenizer.tokenizer_info(engine, reloader, run)
+    _check_run(model, run)
+    return await tokenizer.tokenizer_info(engine, reloader, model or run)
 
 
 @router.post(
