@@ -127,7 +127,14 @@ def slm_train(data_dir: Path, run_dir: Path, minutes: float, options: list[str])
 
 def valid_stories(path: Path) -> list[str]:
     """The stories of a TinyStories text file, each stripped, in order."""
-    return [story.strip() for story in path.read_text().split(END_OF_TEXT) if story.strip()]
+    text = path.read_text(encoding="utf-8")
+    return [story.strip() for story in text.split(END_OF_TEXT) if story.strip()]
+
+
+def story_bytes(stories: list[str]) -> int:
+    """The UTF-8 bytes of the stories, each followed by <|endoftext|>, which counts one byte:
+    it stands for the separator line (as the trainer's bits per byte count it)."""
+    return sum(len(story.encode()) + 1 for story in stories)
 
 
 def judged(model: GPT, export_dir: Path, stories: list[str]) -> dict[str, float]:
@@ -144,7 +151,7 @@ def judged(model: GPT, export_dir: Path, stories: list[str]) -> dict[str, float]
     stream = torch.tensor(ids)
     # Every token but the first is predicted: the text's bytes, less the first token's.
     first = len(tokenizer.decode(ids[:1]).encode())
-    n_bytes = sum(len(story.encode()) + 1 for story in stories) - first
+    n_bytes = story_bytes(stories) - first
     nats = 0.0
     starts = range(0, len(stream) - 1, WINDOW)
     full = [start for start in starts if start + WINDOW < len(stream)]

@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 import torch
 from decode import VALID_FILE  # bench/decode.py: the TinyStories validation excerpt
+from quality import valid_stories  # bench/quality.py: the stories as it judges them
 from serve import (  # bench/serve.py: the same server start-up
     client_for,
     init_run,
@@ -60,7 +61,6 @@ from model.tokenizer import get_tokenizer
 
 RUN = "bench"  # the run folder under CHECKPOINT_DIR, and the `model` the requests name
 TOLERANCE = 1e-3  # the largest |served − Hugging Face| log-probability the check accepts
-STORY_SEPARATOR = "<|endoftext|>"
 
 
 def load_texts(path: Path, count: int, block: int, vocab_size: int) -> list[list[int]]:
@@ -69,10 +69,8 @@ def load_texts(path: Path, count: int, block: int, vocab_size: int) -> list[list
     consecutive windows; windows of a single token (nothing to score) are skipped."""
     tokenizer = get_tokenizer(vocab_size)
     texts: list[list[int]] = []
-    for story in path.read_text(encoding="utf-8").split(STORY_SEPARATOR):
-        if not story.strip():
-            continue
-        ids = [tokenizer.eot_id, *tokenizer.encode(story.strip())]
+    for story in valid_stories(path):
+        ids = [tokenizer.eot_id, *tokenizer.encode(story)]
         texts.extend(ids[i : i + block] for i in range(0, len(ids), block) if len(ids) - i > 1)
         if len(texts) >= count:
             return texts[:count]

@@ -44,7 +44,7 @@ import httpx
 import torch
 from decode import MIN_P, TEMPERATURE, TOP_K, TOP_P, VALID_FILE  # bench/decode.py: the same chain
 from prometheus_client.parser import text_string_to_metric_families
-from quality import valid_stories  # bench/quality.py: the stories as it judges them
+from quality import story_bytes, valid_stories  # bench/quality.py: the stories as it judges them
 
 from contract.broker import free_port
 from model import preset
@@ -505,7 +505,7 @@ def report_vocabularies(args: argparse.Namespace, figures: dict, vocabularies: l
     token over the shared valid stories, each followed by <|endoftext|>, counted as
     bench/quality.py counts them)."""
     stories = valid_stories(VALID_FILE)
-    n_bytes = sum(len(story.encode()) + 1 for story in stories)
+    n_bytes = story_bytes(stories)
     per_token = {}
     for name in vocabularies:
         tokenizer = get_tokenizer(vocabulary_size(name))
